@@ -1,0 +1,35 @@
+# The README's two commands. Both create .venv when missing and are safe to rerun.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+STORAGE ?= $(CURDIR)/results
+MLFLOW_DB ?= $(CURDIR)/mlflow.db
+
+.PHONY: demo test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the project's dependency files change.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) studies/seg_optimizers.py --quick --storage $(STORAGE) --mlflow-uri sqlite:///$(MLFLOW_DB)
+	$(PY) -m analysis $(STORAGE)/seg_optimizers --mlflow-uri sqlite:///$(MLFLOW_DB)
+	@echo
+	@echo "Results:        $(STORAGE)/seg_optimizers  (trials.csv, one folder per trial)"
+	@echo "MLflow DB:      $(MLFLOW_DB)"
+	@echo "Report:         $(STORAGE)/seg_optimizers/report/index.html"
+	@echo "MLflow UI:      $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_DB)"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) results mlflow.db

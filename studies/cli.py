@@ -1,0 +1,62 @@
+"""The one command line every study shares, and how it rewrites the study's base config and space."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from trainables import ClassifyConfig, SegmentConfig, TrainConfig, VAEConfig
+
+# --quick: embedded data, small images, two epochs, so each study ends in minutes on a 2-core laptop.
+QUICK = {
+    ClassifyConfig: dict(dataset="digits", image_size=32, epochs=2, batch_size=64, steps_per_epoch=0),
+    VAEConfig: dict(dataset="mnist5k", image_size=28, epochs=2, batch_size=64, steps_per_epoch=0),
+    SegmentConfig: dict(dataset="shapes", image_size=64, epochs=2, batch_size=8, steps_per_epoch=0,
+                        feature_samples=64),
+}
+
+
+def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"studies/{name}.py", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data and budget")
+    data.add_argument("--quick", action="store_true", help="embedded data, small images, 2 epochs (minutes on a CPU)")
+    data.add_argument("--dataset", help="override the data set (fixes any data-set dimension of the space)")
+    data.add_argument("--data-root", help="folder of the real data sets (see README, 'Real data')")
+    data.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10/MNIST/VOC")
+    data.add_argument("--epochs", type=int)
+    data.add_argument("--batch-size", type=int)
+    data.add_argument("--image-size", type=int)
+    data.add_argument("--steps-per-epoch", type=int, help="batches per epoch (0 = a full pass)")
+    data.add_argument("--num-samples", type=int, help="trials per grid point (grid) or in total (optuna)")
+    data.add_argument("--seed", type=int)
+    res = parser.add_argument_group("resources and cluster")
+    res.add_argument("--cpus-per-trial", type=float, default=1.0)
+    res.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
+    res.add_argument("--address", help="join a running Ray cluster ('auto' or host:port); default: start a local Ray")
+    res.add_argument("--storage", default="results", help="results folder, a shared path or s3://... on clusters")
+    search = parser.add_argument_group("search and scheduling")
+    search.add_argument("--search", choices=("grid", "optuna"), default="grid")
+    search.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo")
+    search.add_argument("--max-concurrent", type=int, help="trials running at once (default: as resources allow)")
+    track = parser.add_argument_group("tracking and recovery")
+    track.add_argument("--mlflow-uri", help="default: sqlite:///<cwd>/mlflow.db; or http://host:5000")
+    track.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage folder")
+    track.add_argument("--overwrite", action="store_true", help="start over even if the study folder exists")
+    track.add_argument("--max-failures", type=int, default=0, help="retries per trial, from its last checkpoint")
+    return parser
+
+
+def apply_args(base: TrainConfig, space: dict, args: argparse.Namespace) -> tuple[TrainConfig, dict]:
+    """Rewrite the base config (quick mode, overrides) and drop space dimensions the flags fix."""
+    overrides = dict(QUICK[type(base)]) if args.quick else {}
+    flags = {"dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
+             "batch_size": args.batch_size, "image_size": args.image_size, "seed": args.seed,
+             "steps_per_epoch": args.steps_per_epoch, "download": args.download or None}
+    flags = {key: value for key, value in flags.items() if value is not None}
+    if isinstance(base, VAEConfig) and "dataset" in flags and "image_size" not in flags and not args.quick:
+        flags["image_size"] = 0  # the VAE takes the new data set's own size (MNIST 28, CIFAR-10 32)
+    overrides.update(flags)
+    # a dimension of the space that a flag (or quick mode's embedded data set) fixes collapses to that value
+    fixed = set(flags) | ({"dataset"} if args.quick else set())
+    space = {key: value for key, value in space.items() if key not in fixed}
+    return dataclasses.replace(base, **overrides), space

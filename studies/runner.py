@@ -1,0 +1,194 @@
+"""The one runner: every study is ``run_study(name, BASE, SPACE, metric, mode)``.
+
+It owns the CLI, Ray and MLflow set-up, the checks that must fail before any trial starts, the only
+``Tuner``, resume, and the end-of-study table. Ray is imported here and in ``trainables/tune_io.py`` only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from studies.cli import apply_args, build_parser
+from studies.space import check_data, check_space, grid_size, is_grid, merge_space
+from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
+from trainables import TrainConfig, trainable_for
+
+log = logging.getLogger("vision_tune")
+SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
+                "val/recon", "val/kl", "val/elbo", "epoch")
+
+
+class ResourceError(RuntimeError):
+    """The per-trial request can never be met by this cluster (Tune would leave trials PENDING forever)."""
+
+
+class MLflowCallback(tune.Callback):
+    """Runs on the driver: one MLflow run per trial (see ``studies/tracking.py``)."""
+
+    def __init__(self, tracker: StudyTracker) -> None:
+        self.tracker = tracker
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.tracker.start(trial.trial_id, str(trial), trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.tracker.start(trial.trial_id, str(trial), trial.config)  # no-op unless restored mid-trial
+        self.tracker.log_result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if trial.checkpoint is None:
+            self.tracker.finish(trial.trial_id, "FINISHED")
+            return
+        with trial.checkpoint.as_directory() as folder:
+            self.tracker.finish(trial.trial_id, "FINISHED", artifacts_dir=folder)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else None
+        self.tracker.finish(trial.trial_id, "FAILED", error=error)
+
+
+def check_resources(cpus: float, gpus: float) -> None:
+    """Fail in seconds when no single node can host one trial."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    for kind, wanted, flag in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
+        largest = max((node.get(kind, 0) for node in nodes), default=0)
+        if wanted > largest:
+            total = sum(node.get(kind, 0) for node in nodes)
+            raise ResourceError(
+                f"{flag} {wanted:g} asks for {wanted:g} {kind}(s) per trial, but no node of this Ray cluster has more "
+                f"than {largest:g} ({total:g} {kind}s on {len(nodes)} node(s)); trials would stay PENDING forever. "
+                f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
+
+
+def to_choices(space: dict) -> dict:
+    """Optuna samples and cannot take Tune's grid: each grid becomes a choice over the same values."""
+    return {key: tune.choice(value["grid_search"]) if is_grid(value)
+            else to_choices(value) if isinstance(value, dict) else value for key, value in space.items()}
+
+
+def _trainable(base: TrainConfig, args):
+    return tune.with_resources(trainable_for(base), {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+
+
+def _start_ray(address: str | None) -> bool:
+    """Join or start Ray; returns whether this call started it (and so should stop it)."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+    return True
+
+
+def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str, args, storage: str,
+                tracker: StudyTracker, default_samples: int | None):
+    trainable = _trainable(base, args)
+    param_space = merge_space(base.to_dict(), space)
+    search_alg, samples = None, (args.num_samples or 1)
+    if args.search == "optuna":
+        param_space = to_choices(param_space)
+        search_alg = OptunaSearch(seed=base.seed)
+        samples = args.num_samples or default_samples or grid_size(space)
+    scheduler = None
+    if args.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
+                                  reduction_factor=2)
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, callbacks=[MLflowCallback(tracker)], verbose=1,
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+    tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
+                                  scheduler=scheduler, max_concurrent_trials=args.max_concurrent,
+                                  reuse_actors=True)  # a fresh worker per trial costs ~2 s of imports
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def summarize(results, metric: str, mode: str) -> pd.DataFrame:
+    """One row per trial: the hyperparameters that vary, status, final metrics; best first."""
+    rows = []
+    for result in results:
+        config = flatten(result.config or {})
+        row = {"trial": Path(result.path).name, "status": "ERROR" if result.error else "OK",
+               **{f"config/{k}": v for k, v in config.items()},
+               **{k: (result.metrics or {}).get(k) for k in SUMMARY_KEYS}}
+        if result.error:
+            row["error"] = str(result.error).strip().splitlines()[-1][:300]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table = table.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+    return table.dropna(axis=1, how="all").reset_index(drop=True)
+
+
+def varied_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith("config/") and table[c].nunique(dropna=False) > 1]
+
+
+def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str, *,
+              argv: list[str] | None = None, num_samples: int | None = None, doc: str | None = None,
+              default_args: list[str] | None = None) -> pd.DataFrame:
+    """Run (or resume) study ``name``: BASE + SPACE as trials on Ray Tune, logged to MLflow.
+
+    ``default_args`` are the study's own defaults for CLI flags (e.g. Optuna + ASHA); the user's flags win.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(name, doc).parse_args([*(default_args or []), *argv])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    base, space = apply_args(base, space, args)
+    check_space(base, space)  # unknown keys and invalid values fail here, before Ray starts
+    uri = resolve_uri(args.mlflow_uri)
+    check_reachable(uri)
+    local = "://" not in args.storage
+    storage = str(Path(args.storage).expanduser().resolve()) if local else args.storage
+    study_dir = f"{storage}/{name}"
+    if not args.resume and local and Path(study_dir).exists():
+        if not args.overwrite:
+            raise FileExistsError(f"{study_dir} already holds a study: pass --resume to continue it, "
+                                  "--overwrite to start over, or another --storage")
+        shutil.rmtree(study_dir)
+    check_data(base)
+
+    started = _start_ray(args.address)
+    try:
+        check_resources(args.cpus_per_trial, args.gpus_per_trial)
+        tracker = StudyTracker(uri, name, {"vision_tune.study": name})
+        if args.resume:
+            if not tune.Tuner.can_restore(study_dir):
+                raise FileNotFoundError(f"--resume: no study to resume in {study_dir}")
+            tuner = tune.Tuner.restore(study_dir, trainable=_trainable(base, args))
+        else:
+            tuner = _make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples)
+        if local:
+            Path(study_dir).mkdir(parents=True, exist_ok=True)
+            (Path(study_dir) / "study.json").write_text(json.dumps(
+                {"name": name, "task": base.TASK, "metric": metric, "mode": mode, "mlflow_uri": uri,
+                 "base": base.to_dict(), "argv": sys.argv}, indent=2, default=str))
+        results = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    table = summarize(results, metric, mode)
+    _print_summary(table, name, study_dir, uri, metric, local)
+    return table
+
+
+def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, local: bool) -> None:
+    shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
+    print(f"\n=== {name}: {len(table)} trial(s), sorted by {metric} ===")
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if local:
+        table.to_csv(Path(study_dir) / "trials.csv", index=False)
+        print(f"\ntable: {study_dir}/trials.csv")
+    best = table[table["status"] == "OK"]
+    if not best.empty:
+        print("best config:", {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
+    print(f"MLflow UI: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}")
+    print(f"report:    python -m analysis {study_dir} --mlflow-uri {uri}")

@@ -1,0 +1,94 @@
+"""Search spaces as plain dicts: merge with the base config and validate every candidate before Ray starts.
+
+Tune's grid is the dict ``{"grid_search": [...]}``; its sampling domains are recognised by their
+``categories`` or ``lower``/``upper``, so this file needs no Ray import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any
+
+from trainables import ConfigError, OptimConfig, TrainConfig
+from trainables.data import build_dataset
+
+MAX_CHECKED = 512  # candidate configs built in the check; larger products are checked on a stride
+
+
+def is_grid(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"grid_search"}
+
+
+def is_domain(value: Any) -> bool:
+    return hasattr(value, "sample") and (hasattr(value, "categories") or hasattr(value, "lower"))
+
+
+def merge_space(base: dict, space: dict) -> dict:
+    """The base config's dict with the space laid over it; nested dicts (optim) merge key by key."""
+    merged = dict(base)
+    for key, value in space.items():
+        if isinstance(value, dict) and not is_grid(value) and isinstance(merged.get(key), dict):
+            merged[key] = merge_space(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_keys(base: TrainConfig, space: dict) -> None:
+    valid = {f.name for f in dataclasses.fields(base)}
+    optim_valid = {f.name for f in dataclasses.fields(OptimConfig)}
+    for key, value in space.items():
+        if key not in valid:
+            raise ConfigError(f"search space: {key!r} is not a field of {type(base).__name__}; "
+                              f"valid keys are {sorted(valid)}")
+        nested = [value] if isinstance(value, dict) and not is_grid(value) else (
+            value["grid_search"] if is_grid(value) and key == "optim" else [])
+        for sub in nested:
+            unknown = sorted(set(sub) - optim_valid) if isinstance(sub, dict) else []
+            if unknown:
+                raise ConfigError(f"search space: optim key(s) {unknown} unknown; valid are {sorted(optim_valid)}")
+
+
+def _candidates(value: Any) -> list:
+    """Values a dimension can take, for checking: every grid/choice value, a range's two ends."""
+    if is_grid(value):
+        return list(value["grid_search"])
+    if is_domain(value):
+        if hasattr(value, "categories"):
+            return list(value.categories)
+        return [value.lower, value.upper]
+    if isinstance(value, dict):
+        names, options = zip(*((k, _candidates(v)) for k, v in value.items())) if value else ((), ())
+        return [dict(zip(names, combo)) for combo in itertools.product(*options)]
+    return [value]
+
+
+def grid_size(space: dict) -> int:
+    """Number of grid points (sampled dimensions count once)."""
+    return math.prod(len(v["grid_search"]) for v in space.values() if is_grid(v)) if space else 1
+
+
+def check_space(base: TrainConfig, space: dict) -> None:
+    """Every key a config field, and every candidate a valid config: errors name the field and values."""
+    _check_keys(base, space)
+    names = list(space)
+    options = [_candidates(space[name]) for name in names]
+    combos = list(itertools.product(*options))
+    stride = max(1, len(combos) // MAX_CHECKED)
+    base_dict = base.to_dict()
+    for combo in combos[::stride]:
+        values = merge_space(base_dict, dict(zip(names, combo)))
+        try:
+            type(base).from_dict(values)
+        except ConfigError as err:
+            raise ConfigError(f"search space {dict(zip(names, combo))}: {err}") from None
+
+
+def check_data(config: TrainConfig) -> None:
+    """Open both splits once in the driver: a missing root, a wrong layout or bad files fail before any
+    trial, and ``--download`` downloads once instead of once per trial."""
+    for split in ("train", "val"):
+        kwargs = {"train_split": config.train_split} if hasattr(config, "train_split") else {}
+        build_dataset(config.dataset, split, config.data_root, config.image_size, download=config.download,
+                      seed=config.seed, **kwargs)

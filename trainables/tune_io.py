@@ -1,0 +1,159 @@
+"""The only in-trial Ray code: seed, restore, report and checkpoint around the one training loop.
+
+``run_trial`` is the whole body of every trainable. Inside a Tune trial it talks to Tune; called
+directly (tests, notebooks) it writes the same checkpoints into a local folder instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainables.loop import Hardware, fit
+from trainables.optim import build_optimizer, build_scheduler
+from trainables.task import Task, make_loaders
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+ARTIFACTS = "artifacts"
+
+
+class TuneSession:
+    """Resources, checkpoint and reporting of the Tune trial this process runs."""
+
+    def __init__(self) -> None:
+        import ray
+        from ray import tune
+
+        self._tune = tune
+        self.gpu_ids = ray.get_gpu_ids()
+        self.cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+
+    def restore_dir(self):
+        checkpoint = self._tune.get_checkpoint()
+        return checkpoint.as_directory() if checkpoint else None
+
+    def report(self, metrics: dict, folder: Path) -> None:
+        self._tune.report(metrics, checkpoint=self._tune.Checkpoint.from_directory(str(folder)))
+
+
+class LocalSession:
+    """The same contract without Ray: checkpoints as ``out_dir/checkpoint_000NNN``, metrics as JSON lines."""
+
+    def __init__(self, out_dir: str | Path, resume_from: str | Path | None = None, cpus: int | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_from = resume_from
+        self.gpu_ids: list = []
+        self.cpus = cpus
+
+    def restore_dir(self):
+        return _PathContext(self.resume_from) if self.resume_from else None
+
+    def report(self, metrics: dict, folder: Path) -> None:
+        shutil.copytree(folder, self.out_dir / f"checkpoint_{int(metrics['epoch']):06d}", dirs_exist_ok=True)
+        with open(self.out_dir / "results.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+class _PathContext:
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def in_tune_trial() -> bool:
+    """True inside a Tune trial (where ``tune.report`` works)."""
+    try:
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+    except ImportError:
+        return False
+    return bool(_in_tune_session())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    # numpy's state as a tensor so that torch.load(weights_only=True) can read it back
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def save_state(folder: Path, model, optimizer, scheduler, epoch: int) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": _rng_state()},
+               folder / STATE_FILE)
+
+
+def load_state(folder: str | Path, model, optimizer, scheduler) -> int:
+    """Load a checkpoint into the objects; returns the epoch it was taken after."""
+    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["epoch"])
+
+
+def run_trial(config_dict: dict, task: Task, session=None) -> dict:
+    """Seed, build, restore, train with one report (and checkpoint) per epoch; returns the last metrics."""
+    config = task.config_cls.from_dict(config_dict)  # nothing reads the raw dict after this line
+    if session is None:
+        session = TuneSession() if in_tune_trial() else LocalSession(tempfile.mkdtemp(prefix="vision-tune-"))
+    if session.cpus:
+        torch.set_num_threads(max(1, int(session.cpus)))
+    hw = Hardware.select(session.gpu_ids, amp=config.amp)
+    seed_everything(config.seed)
+    built = task.build(config)
+    model = hw.prepare(built.model)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.epochs)
+    train_loader, val_loader = make_loaders(built, config, hw)
+
+    start_epoch = 1
+    restore = session.restore_dir()
+    if restore is not None:
+        with restore as folder:
+            start_epoch = load_state(folder, model, optimizer, scheduler) + 1
+        log.info("resumed after epoch %d", start_epoch - 1)
+
+    def on_epoch_end(epoch: int, metrics: dict, matrix) -> None:
+        with tempfile.TemporaryDirectory(prefix="vt-ckpt-") as tmp:
+            folder = Path(tmp)
+            save_state(folder, model, optimizer, scheduler, epoch)
+            artifacts = folder / ARTIFACTS
+            artifacts.mkdir()
+            if matrix is not None:
+                np.save(artifacts / "confusion_matrix.npy", matrix.matrix.cpu().numpy())
+            if epoch == config.epochs:
+                task.write_artifacts(config, built, model, hw, artifacts)
+            session.report(metrics, folder)
+
+    describe = json.dumps(config.to_dict(), sort_keys=True)
+    return fit(model, built.step, optimizer, scheduler, train_loader, val_loader, hw, epochs=config.epochs,
+               start_epoch=start_epoch, seed=config.seed, max_steps=config.steps_per_epoch,
+               num_classes=built.num_classes, describe=describe, on_epoch_end=on_epoch_end)
