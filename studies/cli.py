@@ -7,10 +7,13 @@ import dataclasses
 from trainables import ClassifyConfig, SegmentConfig, TrainConfig, VAEConfig
 
 # --quick: embedded data, small images, two epochs, so each study ends in minutes on a 2-core laptop.
+# Measured on one core: VGG16 26 img/s and ResNet18 17 img/s at 32x32, U-Net 7 img/s and SegNet 3 img/s
+# at 64x64, the VAE ~1,000 img/s; so the big networks get a few batches per epoch.
 QUICK = {
-    ClassifyConfig: dict(dataset="digits", image_size=32, epochs=2, batch_size=64, steps_per_epoch=0),
-    VAEConfig: dict(dataset="mnist5k", image_size=28, epochs=2, batch_size=64, steps_per_epoch=0),
-    SegmentConfig: dict(dataset="shapes", image_size=64, epochs=2, batch_size=8, steps_per_epoch=0,
+    ClassifyConfig: dict(dataset="digits", image_size=32, epochs=2, batch_size=32, steps_per_epoch=4,
+                         val_samples=128),
+    VAEConfig: dict(dataset="mnist5k", image_size=28, epochs=2, batch_size=64, steps_per_epoch=20),
+    SegmentConfig: dict(dataset="shapes", image_size=64, epochs=2, batch_size=8, steps_per_epoch=4,
                         feature_samples=64),
 }
 

@@ -90,5 +90,4 @@ def check_data(config: TrainConfig) -> None:
     trial, and ``--download`` downloads once instead of once per trial."""
     for split in ("train", "val"):
         kwargs = {"train_split": config.train_split} if hasattr(config, "train_split") else {}
-        build_dataset(config.dataset, split, config.data_root, config.image_size, download=config.download,
-                      seed=config.seed, **kwargs)
+        build_dataset(config.dataset, split, config.data_root, config.image_size, download=config.download, **kwargs)

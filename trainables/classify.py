@@ -25,7 +25,7 @@ def step(model: nn.Module, batch) -> StepOutput:
 
 def build(config: ClassifyConfig) -> Built:
     data = {split: build_dataset(config.dataset, split, config.data_root, config.image_size,
-                                 download=config.download, seed=config.seed) for split in ("train", "val")}
+                                 download=config.download) for split in ("train", "val")}
     model = build_model(config.model, **config.model_kwargs())
     return Built(model, step, data["train"], data["val"], config.info.num_classes, config.info.class_names)
 

@@ -79,6 +79,7 @@ class TrainConfig:
     num_workers: int = 0
     amp: bool = True  # bf16 autocast, used on CUDA only
     feature_samples: int = 192  # val images whose features are saved for t-SNE/PCA, as the report
+    val_samples: int = 0  # 0 = evaluate on the whole val split; else on a fixed subset (quick runs)
 
     TASK: ClassVar[str] = ""
     MODELS: ClassVar[tuple] = ()
@@ -93,7 +94,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size", "feature_samples"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1; got {value!r}")
-        for name in ("steps_per_epoch", "num_workers", "seed"):
+        for name in ("steps_per_epoch", "num_workers", "seed", "val_samples"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0; got {value!r}")
         try:

@@ -11,7 +11,8 @@ from torch import nn
 from trainables.artifacts import (denormalize, fixed_indices, pooled_features, save_features, save_rows,
                                   stack_samples, write_meta)
 from trainables.config import SegmentConfig
-from trainables.data import build_dataset, class_frequencies, voc_colors
+from trainables.data import build_dataset, class_frequencies
+from trainables.data.voc import voc_palette
 from trainables.loop import Hardware, StepOutput
 from trainables.losses import IGNORE_INDEX, class_weight_vector, segmentation_loss
 from trainables.task import Built, Task
@@ -30,7 +31,7 @@ def step(model: nn.Module, batch, weights: torch.Tensor | None) -> StepOutput:
 def build(config: SegmentConfig) -> Built:
     info = config.info
     data = {split: build_dataset(config.dataset, split, config.data_root, config.image_size,
-                                 download=config.download, train_split=config.train_split, seed=config.seed)
+                                 download=config.download, train_split=config.train_split)
             for split in ("train", "val")}
     frequencies = None
     if config.class_weights == "inverse_frequency":
@@ -49,7 +50,7 @@ def dominant_class(mask: torch.Tensor) -> int:
 
 def colorize(masks: torch.Tensor) -> torch.Tensor:
     """Class ids (N,H,W) -> VOC colours (N,3,H,W) in [0, 1]."""
-    colors = torch.as_tensor(voc_colors(), dtype=torch.float32) / 255  # (256,3)
+    colors = torch.as_tensor(voc_palette(), dtype=torch.float32).view(-1, 3) / 255  # (256,3)
     return colors[masks.long().clamp(0, 255)].permute(0, 3, 1, 2)
 
 

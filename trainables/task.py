@@ -7,7 +7,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from trainables.artifacts import fixed_indices
 
 from trainables.config import TrainConfig
 from trainables.loop import Hardware, Step
@@ -43,5 +45,8 @@ def make_loaders(built: Built, config: TrainConfig, hw: Hardware) -> tuple[DataL
     # drop_last keeps BatchNorm away from a last batch of one image
     train = DataLoader(built.train_set, batch_size=config.batch_size, shuffle=True, pin_memory=pin,
                        drop_last=len(built.train_set) > config.batch_size, generator=torch.Generator(), **workers)
-    val = DataLoader(built.val_set, batch_size=config.batch_size, shuffle=False, pin_memory=pin, **workers)
+    val_set = built.val_set
+    if config.val_samples:
+        val_set = Subset(val_set, fixed_indices(len(val_set), config.val_samples))
+    val = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, pin_memory=pin, **workers)
     return train, val

@@ -31,7 +31,7 @@ def step(model: nn.Module, batch, kind: str, beta: float) -> StepOutput:
 def build(config: VAEConfig) -> Built:
     # normalize=False: pixels in [0, 1] are the BCE targets
     data = {split: build_dataset(config.dataset, split, config.data_root, config.image_size,
-                                 download=config.download, normalize=False, seed=config.seed)
+                                 download=config.download, normalize=False)
             for split in ("train", "val")}
     model = build_model(config.model, **config.model_kwargs())
     return Built(model, partial(step, kind=config.loss, beta=config.beta), data["train"], data["val"],

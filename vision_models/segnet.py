@@ -46,9 +46,11 @@ class SegNet(nn.Module):
         self.decoder = nn.ModuleList(UnpoolBlock(*spec) for spec in DECODER_BLOCKS)
         self.head = nn.Conv2d(64, num_classes, kernel_size=3, padding=1)
         init_weights(self)
+        nn.init.normal_(self.head.weight, std=0.01)  # near-uniform class scores at the start, not ReLU-scaled ones
         if pretrained:
             if in_channels != 3:
-                raise ValueError(f"segnet_vgg16(pretrained=True) needs in_channels=3 (ImageNet RGB); got {in_channels}")
+                raise ValueError(f"segnet_vgg16(pretrained=True) needs in_channels=3 (ImageNet RGB); "
+                                 f"got {in_channels}")
             state = torchvision_state_dict(VGG16_BN_Weights.IMAGENET1K_V1, "segnet_vgg16")
             load_prefixed(self.features, state, prefix="features.")
 

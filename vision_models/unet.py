@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models import ResNet50_Weights
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from vision_models.layers import conv_bn_relu
+from vision_models.layers import conv_bn_relu, init_weights
 from vision_models.sizes import SizeRule
 from vision_models.weights import load_prefixed, torchvision_state_dict
 
@@ -87,9 +87,9 @@ class UNetResNet50(nn.Module):
         # decoder_mid: the stride-4 block (fused with layer1), the same resolution for either encoder_stop.
         self.TAPS = {"encoder_out": f"encoder.{encoder_stop}",
                      "decoder_mid": f"decoder.{len(blocks) - 3}"}
-        for m in [*self.decoder.modules(), self.head]:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_weights(self.decoder)  # the encoder keeps torchvision's own initialisation (or ImageNet weights)
+        nn.init.normal_(self.head.weight, std=0.01)  # near-uniform class scores at the start, not ReLU-scaled ones
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) -> logits (B,num_classes,H,W)."""

@@ -24,7 +24,7 @@ def torchvision_state_dict(weights: WeightsEnum, model_name: str) -> dict[str, t
         raise RuntimeError(
             f"{model_name}(pretrained=True) needs torchvision's {weights} weights and could not download them "
             f"({err}). Offline, fetch {weights.url} elsewhere and place the file at {target} "
-            f"(that is $TORCH_HOME/hub/checkpoints/{os.path.basename(target)}), or use pretrained=False."
+            f"($TORCH_HOME/hub/checkpoints/, TORCH_HOME defaulting to ~/.cache/torch), or use pretrained=False."
         ) from err
 
 
@@ -33,4 +33,4 @@ def load_prefixed(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix
     own = module.state_dict().keys()
     subset = {key[len(prefix):]: value for key, value in state_dict.items()
               if key.startswith(prefix) and key[len(prefix):] in own}
-    module.load_state_dict(subset, strict=True)  # strict: a key the checkpoint lacks is an error, not a silent init
+    module.load_state_dict(subset, strict=True)  # a key the checkpoint lacks fails instead of staying random

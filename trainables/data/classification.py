@@ -69,10 +69,9 @@ def build_mnist(root: Path, split: str, image_size: int, *, download: bool, norm
     """MNIST from root/MNIST/raw; .gz-only files are unpacked first, as torchvision reads raw IDX."""
     raw = root / "MNIST" / "raw"
     layout = MNIST_LAYOUT.replace("{root}", str(root))
-    if not download:
-        missing = [raw / name for name in MNIST_FILES if not _ensure_unpacked(raw / name)]
-        if missing:
-            raise missing_data("mnist", root, layout, missing)
+    missing = [raw / name for name in MNIST_FILES if not _ensure_unpacked(raw / name)]
+    if missing and not download:
+        raise missing_data("mnist", root, layout, missing)
     stats = (MNIST_MEAN, MNIST_STD) if normalize else (None, None)
     transform = classification_transform(image_size, 28, *stats, augment=augment, flip=False)
     try:

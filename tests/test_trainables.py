@@ -1,0 +1,194 @@
+"""The one loop and the three trainables: direct runs, Tune runs, exact resume, losses, GPU allocation."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainables import ClassifyConfig, SegmentConfig, VAEConfig, train_classifier, train_segmenter, train_vae
+from trainables import classify, segment, vae
+from trainables.data import build_dataset, class_frequencies
+from trainables.loop import Hardware, NonFiniteLossError
+from trainables.losses import class_weight_vector, segmentation_loss, vae_loss
+from trainables.tune_io import LocalSession, run_trial
+
+LABEL_KEYS = {"train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou", "epoch",
+              "images_per_s"}
+VAE_KEYS = {"train/loss", "val/loss", "val/recon", "val/kl", "val/elbo", "epoch", "images_per_s"}
+
+
+def small_configs(root: Path) -> dict:
+    """Each task at the smallest size that still exercises everything (2 epochs, a few batches)."""
+    root = str(root)
+    return {
+        "classification": (ClassifyConfig(model="resnet18", dataset="digits", epochs=2, batch_size=16,
+                                          steps_per_epoch=2, data_root=root, feature_samples=32, val_samples=32),
+                           classify.TASK),
+        "generation": (VAEConfig(dataset="mnist5k", image_size=28, epochs=2, batch_size=32, steps_per_epoch=4,
+                                 latent_dim=4, data_root=root, feature_samples=32, val_samples=128), vae.TASK),
+        "segmentation": (SegmentConfig(model="unet_resnet50", dataset="shapes", image_size=32, epochs=2,
+                                       batch_size=4, steps_per_epoch=2, data_root=root, feature_samples=16,
+                                       class_weights="inverse_frequency"), segment.TASK),
+    }
+
+
+@pytest.mark.parametrize("task_name", ["classification", "generation", "segmentation"])
+def test_direct_run_reports_every_key_and_writes_artifacts(task_name, data_root, tmp_path):
+    config, task = small_configs(data_root)[task_name]
+    run_trial(config.to_dict(), task, LocalSession(tmp_path, cpus=2))
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in results] == [1, 2]
+    expected = VAE_KEYS if task_name == "generation" else LABEL_KEYS
+    for result in results:
+        assert expected <= set(result), expected - set(result)
+        assert all(math.isfinite(result[k]) for k in expected)
+    artifacts = tmp_path / "checkpoint_000002" / "artifacts"
+    features = dict(__import__("numpy").load(artifacts / "features.npz"))
+    assert features["labels"].shape == (config.feature_samples,)
+    assert json.loads((artifacts / "meta.json").read_text())["task"] == config.TASK
+    if task_name == "generation":
+        assert features["mu"].shape == (config.feature_samples, config.latent_dim)
+        assert (artifacts / "reconstructions.png").stat().st_size > 0
+        assert (artifacts / "prior_samples.png").stat().st_size > 0
+    else:
+        matrix = __import__("numpy").load(artifacts / "confusion_matrix.npy")
+        assert matrix.shape == (config.info.num_classes,) * 2 and matrix.sum() > 0
+        assert (artifacts / "predictions.png").stat().st_size > 0
+    if task_name == "segmentation":
+        assert set(features) >= {"encoder_out", "decoder_mid"}
+        # every evaluated pixel of the val set is counted once: the image count times the pixels of each
+        val = build_dataset("shapes", "val", data_root, 32)
+        labelled = sum(int(((m >= 0) & (m < 21)).sum()) for _, m in (val[i] for i in range(len(val))))
+        assert matrix.sum() == labelled
+
+
+class _StopAfter(LocalSession):
+    """A session whose process 'dies' right after the checkpoint of epoch ``stop``."""
+
+    def __init__(self, out_dir, stop: int) -> None:
+        super().__init__(out_dir, cpus=2)
+        self.stop = stop
+
+    def report(self, metrics, folder) -> None:
+        super().report(metrics, folder)
+        if metrics["epoch"] == self.stop:
+            raise KeyboardInterrupt("stopped after epoch %d" % self.stop)
+
+
+@pytest.mark.parametrize("task_name", ["generation", "segmentation"])
+def test_resume_from_checkpoint_is_exact(task_name, data_root, tmp_path):
+    config, task = small_configs(data_root)[task_name]
+    config = config.__class__(**{**config.__dict__, "epochs": 3})
+    whole = run_trial(config.to_dict(), task, LocalSession(tmp_path / "whole", cpus=2))
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(config.to_dict(), task, _StopAfter(tmp_path / "cut", stop=1))
+    resumed = run_trial(config.to_dict(), task, LocalSession(tmp_path / "resumed", cpus=2,
+                                                           resume_from=tmp_path / "cut" / "checkpoint_000001"))
+    assert resumed["epoch"] == whole["epoch"] == 3
+    for key in ("train/loss", "val/loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+
+
+def test_inverse_frequency_weights_come_from_the_training_masks(data_root):
+    train = build_dataset("shapes", "train", data_root, 32)
+    frequencies = class_frequencies(train, 21, data_root / "cache")
+    weights = class_weight_vector("inverse_frequency", 21, frequencies)
+    seen = frequencies > 0
+    # rarer classes weigh more, in exact inverse proportion, with mean 1 over the classes seen
+    ratio = weights[seen].numpy() * frequencies[seen]
+    assert ratio == pytest.approx([ratio[0]] * int(seen.sum()), rel=1e-5)
+    assert float(weights[seen].mean()) == pytest.approx(1.0, rel=1e-5)
+    assert weights[0] < weights[seen].max()  # background is the most frequent class
+
+
+def test_background_weight_changes_the_loss_by_the_hand_computed_amount():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]], [[1.0, 3.0]]]])  # (1,K=3,1,2)
+    masks = torch.tensor([[[0, 2]]])
+    nll = [-F.log_softmax(logits[0, :, 0, 0], 0)[0], -F.log_softmax(logits[0, :, 0, 1], 0)[2]]
+    plain = segmentation_loss(logits, masks, class_weight_vector("none", 3))
+    weighted = segmentation_loss(logits, masks, class_weight_vector(0.1, 3))
+    assert plain == pytest.approx(float((nll[0] + nll[1]) / 2))
+    assert weighted == pytest.approx(float((0.1 * nll[0] + nll[1]) / 1.1))
+    ignored = segmentation_loss(logits, torch.tensor([[[255, 2]]]), None)
+    assert ignored == pytest.approx(float(nll[1]))
+
+
+@pytest.mark.parametrize("kind", ["bce", "mse", "bce+mse"])
+def test_vae_losses_match_hand_computed_values(kind):
+    logits = torch.tensor([[[[0.0, 2.0]]], [[[-1.0, 1.0]]]])  # (2,1,1,2)
+    images = torch.tensor([[[[0.0, 1.0]]], [[[0.5, 0.25]]]])
+    mu, logvar = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [math.log(2.0)]])
+    probs = torch.sigmoid(logits)
+    bce = -(images * probs.log() + (1 - images) * (1 - probs).log()).sum() / 2
+    mse = ((probs - images) ** 2).sum() / 2
+    kl = (0.5 * (1.0 ** 2) + 0.5 * (2.0 - 1 - math.log(2.0))) / 2  # per image: (mu^2 + var - 1 - log var) / 2
+    recon = {"bce": bce, "mse": mse, "bce+mse": bce + mse}[kind]
+    loss, got_recon, got_kl = vae_loss(logits, images, mu, logvar, kind, beta=0.5)
+    assert got_recon == pytest.approx(float(recon), rel=1e-6)
+    assert got_kl == pytest.approx(kl, rel=1e-6)
+    assert loss == pytest.approx(float(recon) + 0.5 * kl, rel=1e-6)
+
+
+def test_nan_loss_stops_the_trial_naming_epoch_step_and_config(data_root, tmp_path):
+    config = VAEConfig(dataset="mnist5k", image_size=28, epochs=1, batch_size=32, steps_per_epoch=20,
+                       data_root=str(data_root), optim={"name": "sgd", "lr": 1e12})
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step \d+; config: .*1000000000000"):
+        run_trial(config.to_dict(), vae.TASK, LocalSession(tmp_path, cpus=2))
+
+
+def test_device_comes_from_the_trials_gpu_ids():
+    assert Hardware.select([]).device.type == "cpu"
+    gpu = Hardware.select(["0"], amp=True)
+    assert gpu.device == torch.device("cuda", 0) and gpu.channels_last and gpu.amp
+
+
+def _report_device(config: dict) -> None:
+    import os
+
+    import ray
+    from ray import tune
+
+    from trainables.tune_io import TuneSession
+
+    session = TuneSession()
+    hw = Hardware.select(session.gpu_ids)
+    tune.report({"device": hw.device.type, "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+                 "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+
+
+def test_each_trial_sees_its_own_logical_gpu(ray_runtime):
+    from ray import tune
+
+    def run(gpus: float, trials: int):
+        trainable = tune.with_resources(_report_device, {"cpu": 0.5, "gpu": gpus})
+        grid = tune.Tuner(trainable, param_space={"i": tune.grid_search(list(range(trials)))},
+                          run_config=tune.RunConfig(verbose=0)).fit()
+        return [r.metrics for r in grid]
+
+    shared = run(0.5, 4)
+    assert [m["device"] for m in shared] == ["cuda"] * 4
+    assert sorted(m["gpu_ids"] for m in shared) == ["0", "0", "1", "1"]  # two half-GPU trials per GPU
+    assert all(m["visible"] == m["gpu_ids"] for m in shared)
+    assert [m["device"] for m in run(0, 1)] == ["cpu"]
+
+
+@pytest.mark.parametrize("trainable,task_name", [(train_classifier, "classification"), (train_vae, "generation"),
+                                                 (train_segmenter, "segmentation")])
+def test_trainable_runs_two_trials_in_ray_tune(trainable, task_name, ray_runtime, data_root):
+    from ray import tune
+
+    config, _ = small_configs(data_root)[task_name]
+    space = {**config.to_dict(), "seed": tune.grid_search([0, 1])}
+    grid = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space=space,
+                      tune_config=tune.TuneConfig(reuse_actors=True),
+                      run_config=tune.RunConfig(verbose=0, storage_path=str(data_root / "tune"))).fit()
+    assert len(grid) == 2 and not grid.errors
+    expected = VAE_KEYS if task_name == "generation" else LABEL_KEYS
+    for result in grid:
+        assert result.metrics["training_iteration"] == 2 and result.metrics["epoch"] == 2
+        assert expected <= set(result.metrics)
+        assert (Path(result.checkpoint.path) / "artifacts" / "features.npz").is_file()
