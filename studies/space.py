@@ -69,20 +69,30 @@ def grid_size(space: dict) -> int:
     return math.prod(len(v["grid_search"]) for v in space.values() if is_grid(v)) if space else 1
 
 
+def variants(base: TrainConfig, space: dict) -> list[dict]:
+    """The configs a grid space expands to (sampled dimensions at their candidate values), as dicts."""
+    names = list(space)
+    result = []
+    for combo in itertools.product(*(_candidates(space[name]) for name in names)):
+        values = base.to_dict()
+        for name, value in zip(names, combo):
+            # as in Tune: a plain nested dict merges into the base's, a grid value replaces it whole
+            nested = isinstance(space[name], dict) and not is_grid(space[name])
+            values[name] = {**values[name], **value} if nested else value
+        result.append(values)
+    return result
+
+
 def check_space(base: TrainConfig, space: dict) -> None:
     """Every key a config field, and every candidate a valid config: errors name the field and values."""
     _check_keys(base, space)
-    names = list(space)
-    options = [_candidates(space[name]) for name in names]
-    combos = list(itertools.product(*options))
-    stride = max(1, len(combos) // MAX_CHECKED)
-    base_dict = base.to_dict()
-    for combo in combos[::stride]:
-        values = merge_space(base_dict, dict(zip(names, combo)))
+    candidates = variants(base, space)
+    for values in candidates[:: max(1, len(candidates) // MAX_CHECKED)]:
         try:
             type(base).from_dict(values)
         except ConfigError as err:
-            raise ConfigError(f"search space {dict(zip(names, combo))}: {err}") from None
+            varied = {key: values[key] for key in space}
+            raise ConfigError(f"search space {varied}: {err}") from None
 
 
 def check_data(config: TrainConfig) -> None:

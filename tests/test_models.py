@@ -20,11 +20,13 @@ K = 5  # segmentation classes in the small tests
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Batches of 2-4 small images gain little from intra-op threads, and on a busy 2-core machine
-    spinning OpenMP threads made this file five times slower (180 s instead of 37 s)."""
+    spinning OpenMP threads made this file five times slower (about 180 s instead of 35 s)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 # (registry name, builder kwargs, input shape): every model at its smallest quick size, plus the variants.
 VARIANTS = [
     ("vgg16", {"in_channels": 1}, (2, 1, 32, 32)),

@@ -32,6 +32,7 @@ class TuneSession:
         from ray import tune
 
         self._tune = tune
+        self.node_id = ray.get_runtime_context().get_node_id()  # reported, so a study shows where each trial ran
         self.gpu_ids = ray.get_gpu_ids()
         self.cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
 
@@ -40,7 +41,7 @@ class TuneSession:
         return checkpoint.as_directory() if checkpoint else None
 
     def report(self, metrics: dict, folder: Path) -> None:
-        self._tune.report(metrics, checkpoint=self._tune.Checkpoint.from_directory(str(folder)))
+        self._tune.report({**metrics, "node_id": self.node_id}, checkpoint=self._tune.Checkpoint.from_directory(str(folder)))
 
 
 class LocalSession:

@@ -1,0 +1,182 @@
+"""A study folder (``<storage>/<name>/``) as DataFrames and arrays: trials, per-epoch curves, artifacts.
+
+Reads only files (study.json, trials.csv, Ray Tune's trial folders), so it works on a copied results
+folder and in a notebook: ``study = load_study("results/seg_optimizers"); study.trials; study.curves``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ARTIFACT_ARRAYS = ("features", "samples", "feature_maps")
+_CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What one trial's last checkpoint holds; a trial stopped early (ASHA) has only its confusion matrix."""
+
+    trial: str
+    folder: Path | None  # the checkpoint's artifacts/ folder
+    checkpoint: int | None  # Tune's checkpoint index (0 = after the first epoch)
+    meta: dict = field(default_factory=dict)
+    confusion: np.ndarray | None = None  # (K,K) rows = target, cols = prediction
+    arrays: dict = field(default_factory=dict)  # {"features": {...}, "samples": {...}, "feature_maps": {...}}
+
+    def get(self, name: str) -> dict:
+        """One saved npz as a dict of arrays ({} when the trial did not write it)."""
+        return self.arrays.get(name, {})
+
+    def image(self, name: str) -> Path | None:
+        """A ready-made PNG of the trial (predictions.png, reconstructions.png, prior_samples.png)."""
+        path = self.folder / name if self.folder else None
+        return path if path and path.is_file() else None
+
+
+@dataclass
+class Study:
+    """One study: its description (study.json), trials table and per-epoch curves."""
+
+    path: Path
+    name: str
+    task: str
+    metric: str
+    mode: str
+    mlflow_uri: str | None
+    base: dict
+    trials: pd.DataFrame
+    curves: pd.DataFrame
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def trial_dir(self, trial: str) -> Path:
+        return self.path / trial
+
+    def artifacts(self, trial: str) -> Artifacts:
+        """The trial's last-checkpoint artifacts (read once, then cached)."""
+        if trial not in self._cache:
+            self._cache[trial] = load_artifacts(self.trial_dir(trial))
+        return self._cache[trial]
+
+    def config(self, trial: str) -> dict:
+        """The trial's config as Tune passed it (params.json)."""
+        path = self.trial_dir(trial) / "params.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested config -> {"optim/lr": 0.001, ...}, the names trials.csv and MLflow use."""
+    flat: dict = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_results(trial_dir: Path) -> pd.DataFrame:
+    """result.json (one JSON line per report) as a frame of numeric columns, one row per epoch."""
+    path = trial_dir / "result.json"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a crash mid-write
+                    continue
+    frame = pd.DataFrame([{k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                          for row in rows])
+    if frame.empty:
+        return frame
+    if "epoch" not in frame:
+        frame["epoch"] = frame.get("training_iteration", pd.Series(range(1, len(frame) + 1)))
+    # a retried or resumed trial reports some epochs twice: the later report wins
+    return frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def _trial_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and (p / "params.json").is_file())
+
+
+def trials_from_folders(path: Path, metric: str, mode: str) -> pd.DataFrame:
+    """The trials table rebuilt from trial folders, for a study interrupted before it wrote trials.csv."""
+    rows = []
+    for trial_dir in _trial_dirs(path):
+        results = read_results(trial_dir)
+        last = results.iloc[-1].to_dict() if not results.empty else {}
+        config = json.loads((trial_dir / "params.json").read_text())
+        error = (trial_dir / "error.txt").is_file()
+        rows.append({"trial": trial_dir.name, "status": "ERROR" if error or results.empty else "OK",
+                     **{f"config/{k}": v for k, v in flatten(config).items()},
+                     **{k: v for k, v in last.items() if "/" in k or k == "epoch"}})
+    table = pd.DataFrame(rows)
+    if table.empty or metric not in table:
+        return table
+    return table.sort_values(metric, ascending=mode == "min", na_position="last", kind="stable").reset_index(drop=True)
+
+
+def load_curves(path: Path, trials: list[str]) -> pd.DataFrame:
+    """Every trial's per-epoch metrics in one long-by-trial frame: columns trial, epoch, train/loss, val/..."""
+    frames = []
+    for trial in trials:
+        results = read_results(path / trial)
+        if not results.empty:
+            keep = ["epoch", *[c for c in results.columns if "/" in c]]
+            frames.append(results[keep].assign(trial=trial))
+    if not frames:
+        return pd.DataFrame(columns=["trial", "epoch"])
+    curves = pd.concat(frames, ignore_index=True)
+    return curves[["trial", *[c for c in curves.columns if c != "trial"]]]
+
+
+def last_checkpoint(trial_dir: Path) -> tuple[Path | None, int | None]:
+    """The trial's newest checkpoint folder and its index (Tune keeps the last two)."""
+    found = [(int(m.group(1)), p) for p in trial_dir.glob("checkpoint_*") if (m := _CHECKPOINT.search(p.name))]
+    if not found:
+        return None, None
+    index, folder = max(found)
+    return folder, index
+
+
+def load_artifacts(trial_dir: Path) -> Artifacts:
+    """The last checkpoint's artifacts/ folder: meta, confusion matrix and the npz arrays that exist."""
+    checkpoint, index = last_checkpoint(trial_dir)
+    folder = checkpoint / "artifacts" if checkpoint else None
+    if folder is None or not folder.is_dir():
+        return Artifacts(trial_dir.name, None, index)
+    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+    confusion = np.load(folder / "confusion_matrix.npy") if (folder / "confusion_matrix.npy").is_file() else None
+    arrays = {}
+    for name in ARTIFACT_ARRAYS:
+        if (folder / f"{name}.npz").is_file():
+            with np.load(folder / f"{name}.npz") as npz:
+                arrays[name] = {key: npz[key] for key in npz.files}
+    return Artifacts(trial_dir.name, folder, index, meta, confusion, arrays)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read a study folder written by ``studies/runner.py``; fails with a message naming what is missing."""
+    path = Path(path).expanduser().resolve()
+    described = path / "study.json"
+    if not described.is_file():
+        raise FileNotFoundError(f"{path} is not a study folder: {described.name} is missing (expected "
+                                "<storage>/<study name>/ as written by 'python studies/NAME.py --storage <storage>')")
+    info = json.loads(described.read_text())
+    metric, mode = info.get("metric", "val/loss"), info.get("mode", "min")
+    if (path / "trials.csv").is_file():
+        trials = pd.read_csv(path / "trials.csv")
+    else:
+        trials = trials_from_folders(path, metric, mode)
+    if trials.empty:
+        raise ValueError(f"{path} holds no trials yet (no trials.csv and no trial folders with params.json)")
+    trials = trials.reset_index(drop=True)
+    curves = load_curves(path, list(trials["trial"]))
+    return Study(path, info.get("name", path.name), info.get("task", ""), metric, mode, info.get("mlflow_uri"),
+                 info.get("base", {}), trials, curves)

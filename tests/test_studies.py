@@ -1,0 +1,124 @@
+"""Every study script end to end with --quick (subprocess, real Ray, real MLflow sqlite), and the runner's
+guarantees: spaces as the report, resume without reruns or duplicate runs, early failures."""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import study_command
+from studies.space import variants
+
+# the report's variants per script (issue 5's table); keys are the fields a study varies
+EXPECTED = {
+    "cls_architectures": [{"model": m, "optim.lr": lr} for m in ("vgg16", "resnet18") for lr in (0.1, 0.05)],
+    "vae_losses": [{"loss": loss, "dataset": d} for loss in ("bce", "mse", "bce+mse") for d in ("mnist", "cifar10")],
+    "vae_latent": [{"latent_dim": n} for n in (2, 4, 8, 16, 32, 64)],
+    "vae_lr": [{"optim.lr": lr} for lr in (5e-3, 1e-3, 5e-4, 1e-4, 5e-5)],
+    "segnet_optimizers": [{"optim.name": "sgd", "optim.momentum": 0.0}, {"optim.name": "sgd", "optim.momentum": 0.9},
+                          {"optim.name": "adam", "optim.momentum": 0.0}],
+    "seg_optimizers": [{"optim.name": "sgd", "optim.lr": 1e-4, "optim.momentum": 0.9, "class_weights": 0.1},
+                       {"optim.name": "sgd", "optim.lr": 1e-3, "optim.momentum": 0.9, "class_weights": 0.1},
+                       {"optim.name": "adam", "optim.lr": 1e-3, "optim.momentum": 0.0, "class_weights": 0.1}],
+    "seg_class_weights": [{"class_weights": w, "optim.lr": 1e-4} for w in ("none", 0.1, 0.01, "inverse_frequency")],
+    "seg_concat": [{"skip_concat": True}, {"skip_concat": False}],
+}
+# small enough for 2 cores; still --quick (embedded data), still 2 epochs
+FAST = {"seg": ["--image-size", "32", "--steps-per-epoch", "2"], "cls": ["--steps-per-epoch", "2"],
+        "vae": ["--steps-per-epoch", "5"]}
+TRIALS = {**{name: len(v) for name, v in EXPECTED.items()}, "vae_losses": 3, "seg_search": 4}
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_space_is_the_reports(script):
+    """The typed configs a script's space expands to are exactly the report's variants, nothing extra."""
+    study = importlib.import_module(f"studies.{script}")
+    configs = [type(study.BASE).from_dict(values) for values in variants(study.BASE, study.SPACE)]
+    keys = list(EXPECTED[script][0])
+    got = sorted(repr([_get(config, key) for key in keys]) for config in configs)
+    assert got == sorted(repr([want[key] for key in keys]) for want in EXPECTED[script])
+
+
+def run_script(script: str, tmp_path, env, *extra: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    storage, db = tmp_path / "results", tmp_path / "mlflow.db"
+    args = ["--quick", "--storage", str(storage), "--mlflow-uri", f"sqlite:///{db}",
+            *FAST[script.split("_")[0].replace("segnet", "seg")], *extra]
+    return subprocess.run(study_command(script, *args), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def mlflow_runs(tmp_path, name: str):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no MLflow experiment {name}"
+    return client, client.search_runs([experiment.experiment_id], "tags.`vision_tune.study` != ''")
+
+
+@pytest.mark.parametrize("script", sorted(TRIALS))
+def test_study_runs_end_to_end_with_quick(script, tmp_path, study_env):
+    extra = ["--num-samples", "4"] if script == "seg_search" else []
+    done = run_script(script, tmp_path, study_env, *extra)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "results" / script / "trials.csv")
+    assert len(table) == TRIALS[script] and (table["status"] == "OK").all()
+    client, runs = mlflow_runs(tmp_path, script)
+    assert len(runs) == TRIALS[script]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert "optim/lr" in run.data.params and "model" in run.data.params
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        if script != "seg_search":  # ASHA may stop a trial after its first epoch
+            assert steps == [1, 2]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        assert "checkpoint/state.pt" in artifacts
+
+
+def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
+    storage = tmp_path / "results" / "vae_latent"
+    args = ["--quick", "--storage", str(tmp_path / "results"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--max-concurrent", "1", *FAST["vae"]]
+    driver = subprocess.Popen(study_command("vae_latent", *args), cwd=tmp_path, env=study_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(storage.glob("*/checkpoint_000001/artifacts/meta.json"))) < 2:
+        time.sleep(0.5)
+    import os
+    import signal
+
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
+    driver.wait()
+    finished = {p.parent.parent.parent.name: p.stat().st_mtime
+                for p in storage.glob("*/checkpoint_000001/artifacts/meta.json")}
+    assert 2 <= len(finished) < 6, "the study must be interrupted with trials finished and trials to go"
+    time.sleep(2)
+    done = subprocess.run(study_command("vae_latent", *args, "--resume"), cwd=tmp_path, env=study_env,
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for trial, mtime in finished.items():  # finished trials were not run again
+        assert (storage / trial / "checkpoint_000001" / "artifacts" / "meta.json").stat().st_mtime == mtime
+    table = pd.read_csv(storage / "trials.csv")
+    assert len(table) == 6 and (table["status"] == "OK").all()
+    client, runs = mlflow_runs(tmp_path, "vae_latent")
+    assert len(runs) == 6  # no duplicate MLflow runs
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
+
+
+def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env):
+    start = time.time()
+    done = run_script("seg_concat", tmp_path, study_env, "--gpus-per-trial", "4", timeout=120)
+    assert done.returncode != 0
+    assert "--gpus-per-trial 4" in done.stderr and "GPU" in done.stderr
+    assert time.time() - start < 90
+    assert not list((tmp_path / "results").glob("seg_concat/*/result.json"))  # no trial started
