@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) studies/seg_optimizers.py --quick --storage $(STORAGE) --mlflow-uri sqlite:///$(MLFLOW_DB)
+	$(PY) studies/seg_optimizers.py --quick --overwrite --storage $(STORAGE) --mlflow-uri sqlite:///$(MLFLOW_DB)
 	$(PY) -m analysis $(STORAGE)/seg_optimizers --mlflow-uri sqlite:///$(MLFLOW_DB)
 	@echo
 	@echo "Results:        $(STORAGE)/seg_optimizers  (trials.csv, one folder per trial)"

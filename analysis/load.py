@@ -5,6 +5,7 @@ folder and in a notebook: ``study = load_study("results/seg_optimizers"); study.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from trainables.config import CONFIGS
 
 ARTIFACT_ARRAYS = ("features", "samples", "feature_maps")
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
@@ -77,6 +80,36 @@ def flatten(config: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def config_defaults(task: str) -> dict:
+    """Flat defaults of the task's config: what a trial used for a field its config dict left out.
+
+    A nested dict from the search space replaces the base's whole sub-config (``{"name": "adam", "lr": 1e-3}``),
+    so its missing keys take the sub-config class's own defaults (Adam's momentum: OptimConfig's 0.0).
+    """
+    if task not in CONFIGS:
+        return {}
+    flat = {}
+    for spec in dataclasses.fields(CONFIGS[task]):
+        default = spec.default if spec.default is not dataclasses.MISSING else (
+            spec.default_factory() if spec.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(default):
+            flat.update(flatten(dataclasses.asdict(type(default)()), f"{spec.name}/"))
+        else:
+            flat[spec.name] = default
+    return flat
+
+
+def fill_defaults(trials: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Missing config values (NaN in trials.csv) replaced by the value the trial really trained with."""
+    trials = trials.copy()
+    for name, default in config_defaults(task).items():
+        column = f"config/{name}"
+        if column in trials and default is not None and trials[column].isna().any():
+            filled = trials[column].astype(object).where(trials[column].notna(), default)
+            trials[column] = pd.to_numeric(filled) if isinstance(default, (int, float)) else filled
+    return trials
 
 
 def read_results(trial_dir: Path) -> pd.DataFrame:
@@ -176,7 +209,7 @@ def load_study(path: str | Path) -> Study:
         trials = trials_from_folders(path, metric, mode)
     if trials.empty:
         raise ValueError(f"{path} holds no trials yet (no trials.csv and no trial folders with params.json)")
-    trials = trials.reset_index(drop=True)
+    trials = fill_defaults(trials, info.get("task", "")).reset_index(drop=True)
     curves = load_curves(path, list(trials["trial"]))
     return Study(path, info.get("name", path.name), info.get("task", ""), metric, mode, info.get("mlflow_uri"),
                  info.get("base", {}), trials, curves)

@@ -71,8 +71,9 @@ def label_trials(trials: pd.DataFrame) -> pd.DataFrame:
         seen[variant] = seen.get(variant, 0) + 1
         labels[i] = variant if counts[variant] == 1 else f"{variant}.{seen[variant]}"
     trials["label"] = [labels[i] for i in range(len(trials))]
-    trials["setting"] = [", ".join(f"{c[len('config/'):]}={fmt(row[c])}" for c in varied) or "base config"
-                         for _, row in trials.iterrows()]
+    # a value the variant does not set (Adam's momentum) is left out of its description
+    trials["setting"] = [", ".join(f"{c[len('config/'):]}={fmt(row[c])}" for c in varied if fmt(row[c]) != "-")
+                         or "base config" for _, row in trials.iterrows()]
     return trials
 
 
@@ -81,16 +82,18 @@ def ranked(study: Study) -> pd.DataFrame:
     trials = label_trials(study.trials)
     ok = trials["status"].eq("OK") & trials[study.metric].notna() if study.metric in trials else trials["status"].eq("OK")
     score = trials[study.metric].where(ok) if study.metric in trials else pd.Series(float("nan"), index=trials.index)
-    trials["rank"] = score.rank(ascending=study.mode == "min", method="min")
+    # ties keep trials.csv's order, so the one best row is the runner's "best config"
+    trials["rank"] = score.rank(ascending=study.mode == "min", method="first")
     trials["best"] = trials["rank"].eq(1)
     return trials
 
 
-def best_per_variant(study: Study) -> pd.DataFrame:
-    """One row per variant: its best OK trial, variants in letter order."""
+def best_per_variant(study: Study, limit: int | None = None) -> pd.DataFrame:
+    """One row per variant: its best OK trial; the ``limit`` best variants, in letter order."""
     trials = ranked(study)
     ok = trials[trials["rank"].notna()].sort_values("rank", kind="stable")
-    return ok.drop_duplicates("variant").sort_values("variant", key=lambda s: s.map(_label_key), kind="stable")
+    best = ok.drop_duplicates("variant").head(limit)
+    return best.sort_values("variant", key=lambda s: s.map(_label_key), kind="stable")
 
 
 def results_table(study: Study) -> pd.DataFrame:

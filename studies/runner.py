@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -25,6 +26,8 @@ from trainables import TrainConfig, trainable_for
 log = logging.getLogger("vision_tune")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
                 "val/recon", "val/kl", "val/elbo", "epoch")
+# `ray up` leaves the cluster's config here on the head, where studies run; Tune looks for the same file
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 class ResourceError(RuntimeError):
@@ -56,16 +59,28 @@ class MLflowCallback(tune.Callback):
         self.tracker.finish(trial.trial_id, "FAILED", error=error)
 
 
+def launchable_nodes(config: str = AUTOSCALER_CONFIG) -> list[dict]:
+    """Resources of the node types the autoscaler may still start: trials that wait for one are not stuck."""
+    path = Path(config).expanduser()
+    if not path.is_file():
+        return []
+    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
+    return [kind.get("resources", {}) for kind in types.values() if kind.get("max_workers", 0) > 0]
+
+
 def check_resources(cpus: float, gpus: float) -> None:
-    """Fail in seconds when no single node can host one trial."""
+    """Fail in seconds when no single node, running or launchable, can host one trial."""
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    launchable = launchable_nodes()
     for kind, wanted, flag in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
-        largest = max((node.get(kind, 0) for node in nodes), default=0)
+        largest = max((node.get(kind, 0) for node in nodes + launchable), default=0)
         if wanted > largest:
             total = sum(node.get(kind, 0) for node in nodes)
+            scope = " (nor any node type its autoscaler can add)" if launchable else ""
             raise ResourceError(
-                f"{flag} {wanted:g} asks for {wanted:g} {kind}(s) per trial, but no node of this Ray cluster has more "
-                f"than {largest:g} ({total:g} {kind}s on {len(nodes)} node(s)); trials would stay PENDING forever. "
+                f"{flag} {wanted:g} asks for {wanted:g} {kind}(s) per trial, but no node of this Ray cluster{scope} "
+                f"has more than {largest:g} ({total:g} {kind}s on {len(nodes)} node(s)); trials would stay PENDING "
+                "forever. "
                 f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
 
 
@@ -155,11 +170,12 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
                                   "--overwrite to start over, or another --storage")
         shutil.rmtree(study_dir)
     check_data(base)
+    tracker = StudyTracker(uri, name, {"vision_tune.study": name})
+    tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 
     started = _start_ray(args.address)
     try:
         check_resources(args.cpus_per_trial, args.gpus_per_trial)
-        tracker = StudyTracker(uri, name, {"vision_tune.study": name})
         if args.resume:
             if not tune.Tuner.can_restore(study_dir):
                 raise FileNotFoundError(f"--resume: no study to resume in {study_dir}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -75,12 +76,32 @@ class StudyTracker:
         self.study_tags = study_tags or {}
         self._client = None
         self._runs: dict[str, tuple[str, int]] = {}  # trial id -> (run id, last logged epoch)
+        self._warming: threading.Thread | None = None
+        self._warm_error: BaseException | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_warming": None, "_warm_error": None}
+
+    def warm_up(self) -> None:
+        """Import MLflow, open the store (creating its tables on a new sqlite file) and the experiment in a
+        background thread: seconds of driver work that otherwise block Tune's loop at the first trial start."""
+        def work() -> None:
+            try:
+                self.experiment_id()
+            except BaseException as err:  # raised again by ``client`` in the thread that needs it
+                self._warm_error = err
+
+        self._warming = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+        self._warming.start()
 
     @property
     def client(self):
+        warming = getattr(self, "_warming", None)
+        if warming is not None and warming is not threading.current_thread():
+            warming.join()
+            self._warming = None
+            if self._warm_error is not None:
+                raise self._warm_error
         if self._client is None:
             from mlflow.tracking import MlflowClient
 

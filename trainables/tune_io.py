@@ -41,7 +41,8 @@ class TuneSession:
         return checkpoint.as_directory() if checkpoint else None
 
     def report(self, metrics: dict, folder: Path) -> None:
-        self._tune.report({**metrics, "node_id": self.node_id}, checkpoint=self._tune.Checkpoint.from_directory(str(folder)))
+        checkpoint = self._tune.Checkpoint.from_directory(str(folder))
+        self._tune.report({**metrics, "node_id": self.node_id}, checkpoint=checkpoint)
 
 
 class LocalSession:

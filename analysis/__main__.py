@@ -1,0 +1,65 @@
+"""``python -m analysis STUDY_DIR``: the report's table and figures for one study, in STUDY_DIR/report/.
+
+    python -m analysis results/seg_optimizers                       # MLflow URI from study.json
+    python -m analysis results/seg_optimizers --mlflow-uri sqlite:////abs/mlflow.db
+    python -m analysis results/vae_latent --no-mlflow --tsne-perplexity 20
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from analysis.html import write_html, write_markdown
+from analysis.load import load_study
+from analysis.publish import log_report
+from analysis.report import build_report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study_dir", help="a study's folder, <storage>/<study name>/ (holds study.json)")
+    parser.add_argument("--out", help="output folder (default: STUDY_DIR/report)")
+    parser.add_argument("--mlflow-uri", help="where to log the report run (default: the study's, from study.json)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
+    parser.add_argument("--tsne-perplexity", type=float, help="default: min(30, (n - 1) / 3) for n samples")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+
+    try:
+        study = load_study(args.study_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ok = int(study.trials["status"].eq("OK").sum())
+    progress(f"study {study.name} ({study.task}): {len(study.trials)} trial(s), {ok} OK, selected by "
+             f"{study.metric} ({study.mode})")
+    out = Path(args.out).resolve() if args.out else study.path / "report"
+    report = build_report(study, out, args.tsne_perplexity, progress)
+    write_markdown(report)
+    index = write_html(report)
+    for note in report.notes:
+        progress(f"note: {note}")
+    uri = args.mlflow_uri or study.mlflow_uri
+    if not args.no_mlflow:
+        if uri:
+            run_id = log_report(uri, study.name, out, {"vision_tune.study_dir": str(study.path)})
+            progress(f"MLflow: run 'report' {run_id} in experiment {study.name} at {uri}")
+        else:
+            progress("MLflow: no URI in study.json and no --mlflow-uri: not logged")
+    progress(f"{len(report.entries)} item(s) written")
+    print(f"report: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

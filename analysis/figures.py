@@ -1,0 +1,143 @@
+"""Plots of numbers: learning curves (Fig. 6), confusion matrices (Fig. 8), t-SNE/PCA scatters (Figs. 10-11),
+final loss against one hyperparameter (section III). Each function returns a matplotlib Figure."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers, the same output everywhere
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from trainables.data.voc import voc_palette  # noqa: E402
+
+CURVES = {  # panel title -> metrics drawn in it (solid, dashed)
+    "classification": {"loss": ("train/loss", "val/loss"), "accuracy": ("val/accuracy",),
+                       "precision": ("val/precision",)},
+    "generation": {"loss": ("train/loss", "val/loss"), "reconstruction": ("val/recon",), "KL": ("val/kl",)},
+}
+CURVES["segmentation"] = {**CURVES["classification"], "mIoU": ("val/miou",)}
+STYLES = ("-", "--", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def save(figure: plt.Figure, path: Path, dpi: int = 110) -> Path:
+    """Write a PNG and free the figure (long reports would otherwise keep every figure in memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def class_colors(count: int, segmentation: bool) -> np.ndarray:
+    """(count, 3) colours in [0, 1]: VOC's palette for segmentation (as the masks), tab10/tab20 otherwise."""
+    if segmentation:
+        return np.asarray(voc_palette()[: 3 * count], dtype=float).reshape(count, 3) / 255
+    cmap = plt.get_cmap("tab10" if count <= 10 else "tab20")
+    return np.asarray([cmap(i % cmap.N)[:3] for i in range(count)])
+
+
+def learning_curves(curves: pd.DataFrame, legend: dict[str, str], task: str, title: str) -> plt.Figure:
+    """One panel per measure, a line per trial (colour) and per split (train solid, val dashed)."""
+    panels = {name: [m for m in metrics if m in curves and curves[m].notna().any()]
+              for name, metrics in CURVES.get(task, CURVES["classification"]).items()}
+    panels = {name: metrics for name, metrics in panels.items() if metrics}
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    palette = plt.get_cmap("tab10" if len(legend) <= 10 else "tab20")
+
+    def colors(i: int):
+        return palette(i % palette.N)
+
+    for ax, (name, metrics) in zip(axes[0], panels.items()):
+        for i, trial in enumerate(legend):
+            rows = curves[curves["trial"] == trial]
+            for metric, style in zip(metrics, STYLES):
+                ax.plot(rows["epoch"], rows[metric], style, color=colors(i), markersize=3,
+                        marker="o" if len(rows) < 12 else None)
+        ax.set(title=name, xlabel="epoch", ylabel=" / ".join(metrics))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    # one entry per trial (its colour), then one per line style (which split)
+    handles = [Line2D([], [], color=colors(i), label=label) for i, label in enumerate(legend.values())]
+    handles += [Line2D([], [], color="0.3", linestyle=style, label=split)
+                for split, style in (("train", "-"), ("val", "--"))]
+    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(handles)),
+                  fontsize=8, frameon=False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], class_names: Sequence[str], title: str) -> plt.Figure:
+    """Counts on a log colour scale (counts + 1, so empty cells show), x = predicted, y = expected."""
+    columns = 2 if len(panels) == 4 else min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    size = 2.2 + 0.28 * len(class_names)
+    figure, axes = plt.subplots(rows, columns, figsize=(size * columns + 1.2, size * rows + 0.6), squeeze=False,
+                                layout="constrained")
+    top = max(int(matrix.max()) for _, matrix in panels) + 1
+    norm = LogNorm(vmin=1, vmax=max(top, 2))
+    image = None
+    for ax, (name, matrix) in zip(axes.flat, panels):
+        image = ax.imshow(matrix + 1, norm=norm, cmap="viridis", interpolation="nearest")
+        ticks = np.arange(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=90 if max(map(len, class_names)) > 2 else 0, fontsize=7)
+        ax.set_yticks(ticks, class_names, fontsize=7)
+        ax.set(xlabel="predicted class", ylabel="expected class", title=name)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="count + 1 (log scale)")
+    figure.suptitle(title)
+    return figure
+
+
+def embeddings(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, class_names: Sequence[str],
+               segmentation: bool, title: str) -> plt.Figure:
+    """A scatter per feature tap, points coloured by class, one shared legend of the classes present."""
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.0 * rows), squeeze=False)
+    colors = class_colors(len(class_names), segmentation)
+    present = np.unique(labels)
+    for ax, (name, points) in zip(axes.flat, panels):
+        for k in present:
+            chosen = labels == k
+            # markers as well as colours: several of VOC's 21 colours are close (greens, browns)
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=16, color=colors[k], edgecolors="0.3",
+                       linewidths=0.3, marker=MARKERS[k % len(MARKERS)], label=class_names[k])
+        ax.set(title=name, xlabel="component 1", ylabel="component 2")
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="class",
+                  frameon=False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def final_vs_param(table: pd.DataFrame, param: str, metrics: Sequence[str], title: str) -> plt.Figure:
+    """Final metrics of the OK trials against one numeric hyperparameter (log x for learning rates)."""
+    ok = table[table["status"].eq("OK")].copy()
+    ok[param] = pd.to_numeric(ok[param], errors="coerce")
+    ok = ok.dropna(subset=[param]).sort_values(param)
+    metrics = [m for m in metrics if m in ok and ok[m].notna().any()]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.8 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        means = ok.groupby(param)[metric].mean()
+        ax.plot(ok[param], ok[metric], "o", alpha=0.5, color="tab:blue")
+        ax.plot(means.index, means.values, "-", color="tab:blue")
+        if (ok[param] > 0).all() and ok[param].max() >= 8 * ok[param].min():  # lr 1e-4..1e-2, latent 2..64
+            ax.set_xscale("log", base=2 if ok[param].map(float.is_integer).all() else 10)
+        ax.set(xlabel=param, ylabel=f"final {metric}", title=metric)
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure

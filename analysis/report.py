@@ -1,0 +1,272 @@
+"""Which table and figures a study gets, written into ``STUDY_DIR/report/`` with the data behind them.
+
+Each figure is drawn from the best trial of each variant (``tables.best_per_variant``); trials that
+failed are listed in the table only, and trials stopped early (ASHA) give what their last checkpoint holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from analysis import embed, figures, images
+from analysis.load import Artifacts, Study
+from analysis.tables import METRICS, best_per_variant, ranked, results_table, short_id, to_markdown, varied_params
+from trainables.data import dataset_info
+
+log = logging.getLogger(__name__)
+MAX_VARIANTS = 8  # figures compare at most this many variants (the best ones of a long search)
+SWEPT = ("latent_dim", "optim/lr", "beta")  # section III: final loss against latent size / learning rate
+STALE = ("tsne_*.png", "pca_*.png", "final_vs_*.png", "data/confusion_*.npy")
+
+
+@dataclass
+class Entry:
+    """One item of the report: a figure or table file (relative to the report folder) and its caption."""
+
+    section: str
+    title: str
+    path: str
+    caption: str
+
+
+@dataclass
+class Report:
+    study: Study
+    out: Path
+    table: pd.DataFrame
+    entries: list[Entry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was skipped, and why
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def who(row: pd.Series, artifacts: Artifacts | None = None) -> str:
+    """'C (trial fd294_00002: optim/name=adam, ...; checkpoint after epoch 2)' for captions."""
+    text = f"{row['label']} (trial {short_id(row['trial'])}: {row['setting']}"
+    if artifacts is not None and artifacts.checkpoint is not None:
+        text += f"; checkpoint after epoch {artifacts.checkpoint + 1}"
+    return text + ")"
+
+
+def class_names(study: Study, artifacts: Artifacts, trial: str) -> list[str]:
+    """From meta.json, or from the data set when the trial stopped before writing it."""
+    if artifacts.meta.get("class_names"):
+        return list(artifacts.meta["class_names"])
+    return list(dataset_info(study.config(trial).get("dataset", study.base.get("dataset"))).class_names)
+
+
+class Builder:
+    """Writes the report's files one section at a time; ``progress`` gets one line per slow step."""
+
+    def __init__(self, study: Study, out: Path, perplexity: float | None = None,
+                 progress: Callable[[str], None] = log.info) -> None:
+        self.study, self.out, self.perplexity, self.progress = study, out, perplexity, progress
+        self.report = Report(study, out, results_table(study))
+        self.trials = ranked(study)
+        self.best = best_per_variant(study, MAX_VARIANTS)
+        variants = self.trials.loc[self.trials["rank"].notna(), "variant"].nunique()
+        if variants > MAX_VARIANTS:
+            self.report.notes.append(f"figures compare the {MAX_VARIANTS} best of {variants} variants "
+                                     f"({', '.join(self.best['variant'])}); the table lists every trial")
+        self._projections: dict[tuple, tuple[np.ndarray, str]] = {}
+
+    def add(self, section: str, title: str, path: Path, caption: str) -> None:
+        self.report.entries.append(Entry(section, title, str(path.relative_to(self.out)), caption))
+
+    def picks(self, need: str) -> list[tuple[pd.Series, Artifacts]]:
+        """Per variant, its best trial whose last checkpoint holds ``need`` (else the variant is skipped)."""
+        ok = self.trials[self.trials["rank"].notna()].sort_values("rank", kind="stable")
+        chosen = []
+        for variant in self.best["variant"]:
+            for _, row in ok[ok["variant"] == variant].iterrows():
+                artifacts = self.study.artifacts(row["trial"])
+                if (artifacts.confusion is not None) if need == "confusion" else bool(artifacts.get(need)):
+                    chosen.append((row, artifacts))
+                    break
+            else:
+                self.report.notes.append(f"variant {variant}: no trial saved {need} (stopped early?)")
+        return chosen
+
+    def table(self) -> None:
+        table = self.report.table
+        table.to_csv(self.out / "table.csv", index=False)
+        (self.out / "table.md").write_text(to_markdown(table))
+        self.add("Results", "Table", self.out / "table.md",
+                 f"Final metrics of every trial of study {self.study.name} (a row per trial; letters = variants "
+                 f"in grid order; ★ = best by {self.study.metric}, {self.study.mode}).")
+
+    def curves(self) -> None:
+        shown = self.trials[self.trials["status"].eq("OK")].sort_values("label")
+        legend = {row["trial"]: f"{row['label']}: {row['setting']}" for _, row in shown.iterrows()}
+        curves = self.study.curves[self.study.curves["trial"].isin(legend)]
+        if curves.empty:
+            self.report.notes.append("no per-epoch results to plot")
+            return
+        curves.to_csv(self.out / "curves.csv", index=False)
+        path = figures.save(figures.learning_curves(curves, legend, self.study.task,
+                                                    f"{self.study.name}: learning curves"), self.out / "learning_curves.png")
+        measures = ", ".join(name for name in figures.CURVES.get(self.study.task, figures.CURVES["classification"]) if name != "loss")
+        self.add("Learning curves", "Learning curves", path,
+                 f"Per-epoch loss (train solid, val dashed) and val {measures} of every OK trial of study "
+                 f"{self.study.name}; legend = variant and its hyperparameters. Data: curves.csv.")
+
+    def confusion(self) -> None:
+        picks = self.picks("confusion")
+        if not picks:
+            return
+        panels = []
+        for row, artifacts in picks:
+            np.save(self.out / "data" / f"confusion_{row['label']}.npy", artifacts.confusion)
+            panels.append((f"{row['label']}: {row['setting']}", artifacts.confusion))
+        names = class_names(self.study, picks[0][1], picks[0][0]["trial"])
+        figure = figures.confusion_matrices(panels, names, f"{self.study.name}: confusion matrices (val)")
+        path = figures.save(figure, self.out / "confusion_matrices.png")
+        self.add("Confusion matrices", "Confusion matrices", path,
+                 f"Val confusion matrices of study {self.study.name}, best trial of each variant: "
+                 + "; ".join(who(r, a) for r, a in picks) + ". Rows = expected class, columns = predicted; colour = "
+                 "count + 1 on a log scale. Matrices: data/confusion_<variant>.npy.")
+
+    def samples(self) -> None:
+        picks = self.picks("samples")
+        if not picks:
+            return
+        first = picks[0][1].get("samples")
+        same = []
+        for row, artifacts in picks:
+            if _same_images(artifacts.get("samples"), first):
+                same.append((row, artifacts))
+            else:
+                self.report.notes.append(f"variant {row['label']}: its samples are other val images, left out")
+        # row labels have room for the setting; segmentation's column titles get the letter only
+        short = self.study.task == "segmentation"
+        variants = [(row["label"] if short else f"{row['label']}: {row['setting']}", artifacts.get("samples"))
+                    for row, artifacts in same]
+        source = "; ".join(who(r, a) for r, a in same)
+        names = class_names(self.study, same[0][1], same[0][0]["trial"])
+        title = f"{self.study.name}: the same val images"
+        if self.study.task == "segmentation":
+            figure = images.segmentation_samples(variants, names, title=title)
+            self.add("Sample predictions", "Sample predictions", figures.save(figure, self.out / "predictions.png"),
+                     f"Val image, ground truth and each variant's predicted mask (VOC colours) — {source}.")
+        elif self.study.task == "classification":
+            figure = images.classification_samples(variants, names, title=title)
+            self.add("Sample predictions", "Sample predictions", figures.save(figure, self.out / "predictions.png"),
+                     f"Val images as 'expected→predicted' per variant (red = wrong) — {source}.")
+        else:
+            figure = images.reconstructions(variants, title=f"{self.study.name}: reconstructions")
+            self.add("VAE samples", "Reconstructions", figures.save(figure, self.out / "reconstructions.png"),
+                     f"Val inputs (top row) and each variant's reconstruction — {source}.")
+            figure = images.prior_samples(variants, title=f"{self.study.name}: decoded prior samples z ~ N(0, I)")
+            self.add("VAE samples", "Prior samples", figures.save(figure, self.out / "prior_samples.png"),
+                     f"Images decoded from latent vectors drawn from the prior — {source}.")
+
+    def embeddings(self) -> None:
+        rows = []
+        for row, artifacts in self.picks("features"):
+            features = artifacts.get("features")
+            taps = embed.ordered_taps(features)
+            labels = features["labels"].astype(np.int64)
+            names = class_names(self.study, artifacts, row["trial"])
+            for method in embed.METHODS:
+                panels = []
+                for tap in taps:
+                    problem = embed.can_embed(features[tap])
+                    if problem:
+                        self.report.notes.append(f"{row['label']} {tap}: no {method} ({problem})")
+                        continue
+                    start = time.perf_counter()
+                    points, name = self.project(method, tap, features[tap])
+                    seconds = time.perf_counter() - start
+                    self.report.timings[f"{method} {row['label']} {tap}"] = seconds
+                    if method == "tsne":
+                        self.progress(f"  t-SNE {row['label']} {tap:<15} {features[tap].shape[0]}x{features[tap].shape[1]}"
+                                      f"  {seconds:.1f}s")
+                    panels.append((f"{name} {features[tap].shape[1]}-d", points))
+                    rows.append(pd.DataFrame({"label": row["label"], "trial": row["trial"], "tap": tap, "method": method,
+                                              "index": features["indices"], "class": labels,
+                                              "x": points[:, 0], "y": points[:, 1]}))
+                if not panels:
+                    continue
+                method_name = "t-SNE" if method == "tsne" else "PCA"
+                figure = figures.embeddings(panels, labels, names, self.study.task == "segmentation",
+                                            f"{self.study.name} {row['label']}: {method_name} of saved features")
+                path = figures.save(figure, self.out / f"{method}_{row['label']}.png")
+                self.add("Feature embeddings", f"{method_name} {row['label']}", path,
+                         f"{method_name} of the features of {len(labels)} val samples at {', '.join(taps)}, coloured "
+                         f"by class{' (dominant non-background class of the mask)' if self.study.task == 'segmentation' else ''}"
+                         f" — {who(row, artifacts)}. Points: data/embeddings.csv.")
+        if rows:
+            pd.concat(rows, ignore_index=True).to_csv(self.out / "data" / "embeddings.csv", index=False)
+
+    def project(self, method: str, tap: str, features: np.ndarray) -> tuple[np.ndarray, str]:
+        """2-D points and a panel title; identical inputs (every VAE's 'input' tap) are embedded once."""
+        key = (method, features.shape, hashlib.sha1(np.ascontiguousarray(features).tobytes()).hexdigest())
+        if key not in self._projections:
+            if method == "tsne":
+                self._projections[key] = embed.tsne(features, self.perplexity), f"t-SNE of {tap}"
+            else:
+                points, ratio = embed.pca(features)
+                self._projections[key] = points, f"PCA of {tap} ({100 * ratio.sum():.0f}% of variance)"
+        return self._projections[key]
+
+    def feature_maps(self) -> None:
+        picks = self.picks("feature_maps")
+        if not picks:
+            return
+        row, artifacts = min(picks, key=lambda pick: pick[0]["rank"])  # the best trial that saved them
+        maps = artifacts.get("feature_maps")
+        taps = [t for t in maps if t.startswith("decoder_block")] or embed.ordered_taps(maps)
+        samples = artifacts.get("samples")  # the maps are of the first sample image
+        image = samples["images"][0] if "images" in samples else None
+        figure = images.feature_maps(maps, sorted(taps, key=embed.ordered_taps(maps).index), image,
+                                     title=f"{self.study.name} {row['label']}: feature maps of one val image")
+        path = figures.save(figure, self.out / "feature_maps.png")
+        self.add("Feature maps", "Feature maps", path,
+                 f"The first channels at the end of each {'decoder block' if taps[0].startswith('decoder_block') else 'tap'}"
+                 f" for the first sample image — {who(row, artifacts)}.")
+
+    def swept(self) -> None:
+        table = self.report.table
+        varied = {c.removeprefix("config/") for c in varied_params(self.study.trials)}
+        metrics = [m for m in METRICS[self.study.task] if m.startswith("val/")]
+        for param in [p for p in SWEPT if p in varied]:
+            figure = figures.final_vs_param(table, param, metrics, f"{self.study.name}: final metrics vs {param}")
+            path = figures.save(figure, self.out / f"final_vs_{param.replace('/', '_')}.png")
+            self.add("Final loss vs hyperparameter", f"vs {param}", path,
+                     f"Final val metrics of every OK trial of study {self.study.name} against {param} (dots = trials, "
+                     f"line = mean per value).")
+
+    def build(self) -> Report:
+        (self.out / "data").mkdir(parents=True, exist_ok=True)
+        for stale in STALE:  # per-variant files of an earlier build whose variants may be gone
+            for path in self.out.glob(stale):
+                path.unlink()
+        steps = {"classification": [self.table, self.curves, self.confusion, self.samples, self.embeddings],
+                 "segmentation": [self.table, self.curves, self.confusion, self.samples, self.embeddings,
+                                  self.feature_maps],
+                 "generation": [self.table, self.curves, self.samples, self.embeddings, self.swept]}
+        steps = steps.get(self.study.task, [self.table, self.curves])
+        for step in steps:
+            start = time.perf_counter()
+            step()
+            self.report.timings[step.__name__] = time.perf_counter() - start
+            self.progress(f"{step.__name__:<13} {self.report.timings[step.__name__]:5.1f}s")
+        return self.report
+
+
+def _same_images(samples: dict, reference: dict) -> bool:
+    if "indices" in samples and "indices" in reference:
+        return np.array_equal(samples["indices"], reference["indices"])
+    return samples["images"].shape == reference["images"].shape and np.allclose(samples["images"], reference["images"])
+
+
+def build_report(study: Study, out: Path | None = None, perplexity: float | None = None,
+                 progress: Callable[[str], None] = log.info) -> Report:
+    """Write the table, figures and their data for a loaded study into ``out`` (default STUDY_DIR/report)."""
+    return Builder(study, Path(out) if out else study.path / "report", perplexity, progress).build()
