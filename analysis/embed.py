@@ -23,6 +23,12 @@ def can_embed(features: np.ndarray) -> str | None:
         return f"needs at least 4 samples of 2-D features, got shape {features.shape}"
     if not np.isfinite(features).all():
         return "features hold NaN or inf (the trial diverged)"
+    spread = float(features.std(axis=0).max())
+    scale = float(np.abs(features).max())
+    # e.g. a VAE whose posterior collapsed: mu is the same vector for every image. sklearn's t-SNE divides
+    # by the spread of its PCA start and then crashes the interpreter (segfault) on the NaNs.
+    if spread <= 1e-4 * scale or spread == 0:
+        return f"features are the same for every sample (spread {spread:.2g} at scale {scale:.2g}: collapsed)"
     return None
 
 

@@ -130,9 +130,15 @@ def final_vs_param(table: pd.DataFrame, param: str, metrics: Sequence[str], titl
     ok = ok.dropna(subset=[param]).sort_values(param)
     metrics = [m for m in metrics if m in ok and ok[m].notna().any()]
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.8 * len(metrics), 3.4), squeeze=False)
+    # trials an ASHA scheduler stopped early report an earlier, higher loss: drawn hollow, not averaged in
+    full = ok["epoch"].eq(ok["epoch"].max()) if "epoch" in ok else pd.Series(True, index=ok.index)
     for ax, metric in zip(axes[0], metrics):
-        means = ok.groupby(param)[metric].mean()
-        ax.plot(ok[param], ok[metric], "o", alpha=0.5, color="tab:blue")
+        means = ok[full].groupby(param)[metric].mean()
+        ax.plot(ok.loc[full, param], ok.loc[full, metric], "o", alpha=0.6, color="tab:blue", label="trial")
+        if not full.all():
+            ax.plot(ok.loc[~full, param], ok.loc[~full, metric], "o", mfc="none", color="tab:red",
+                    label="stopped early")
+            ax.legend(fontsize=7)
         ax.plot(means.index, means.values, "-", color="tab:blue")
         if (ok[param] > 0).all() and ok[param].max() >= 8 * ok[param].min():  # lr 1e-4..1e-2, latent 2..64
             ax.set_xscale("log", base=2 if ok[param].map(float.is_integer).all() else 10)

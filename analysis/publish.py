@@ -13,6 +13,8 @@ def log_report(uri: str, experiment: str, folder: Path, tags: dict | None = None
     """Upload ``folder`` into the experiment's "report" run (created when missing); returns the run id."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: to the cwd, as the runner
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:  # a study tracked elsewhere: keep its artifacts beside a sqlite database, as the runner

@@ -109,9 +109,10 @@ class Builder:
             self.report.notes.append("no per-epoch results to plot")
             return
         curves.to_csv(self.out / "curves.csv", index=False)
-        path = figures.save(figures.learning_curves(curves, legend, self.study.task,
-                                                    f"{self.study.name}: learning curves"), self.out / "learning_curves.png")
-        measures = ", ".join(name for name in figures.CURVES.get(self.study.task, figures.CURVES["classification"]) if name != "loss")
+        figure = figures.learning_curves(curves, legend, self.study.task, f"{self.study.name}: learning curves")
+        path = figures.save(figure, self.out / "learning_curves.png")
+        panels = figures.CURVES.get(self.study.task, figures.CURVES["classification"])
+        measures = ", ".join(name for name in panels if name != "loss")
         self.add("Learning curves", "Learning curves", path,
                  f"Per-epoch loss (train solid, val dashed) and val {measures} of every OK trial of study "
                  f"{self.study.name}; legend = variant and its hyperparameters. Data: curves.csv.")
@@ -171,8 +172,6 @@ class Builder:
         for row, artifacts in self.picks("features"):
             features = artifacts.get("features")
             taps = embed.ordered_taps(features)
-            labels = features["labels"].astype(np.int64)
-            names = class_names(self.study, artifacts, row["trial"])
             for method in embed.METHODS:
                 panels = []
                 for tap in taps:
@@ -180,39 +179,45 @@ class Builder:
                     if problem:
                         self.report.notes.append(f"{row['label']} {tap}: no {method} ({problem})")
                         continue
-                    start = time.perf_counter()
-                    points, name = self.project(method, tap, features[tap])
-                    seconds = time.perf_counter() - start
-                    self.report.timings[f"{method} {row['label']} {tap}"] = seconds
-                    if method == "tsne":
-                        self.progress(f"  t-SNE {row['label']} {tap:<15} {features[tap].shape[0]}x{features[tap].shape[1]}"
-                                      f"  {seconds:.1f}s")
-                    panels.append((f"{name} {features[tap].shape[1]}-d", points))
-                    rows.append(pd.DataFrame({"label": row["label"], "trial": row["trial"], "tap": tap, "method": method,
-                                              "index": features["indices"], "class": labels,
-                                              "x": points[:, 0], "y": points[:, 1]}))
-                if not panels:
-                    continue
-                method_name = "t-SNE" if method == "tsne" else "PCA"
-                figure = figures.embeddings(panels, labels, names, self.study.task == "segmentation",
-                                            f"{self.study.name} {row['label']}: {method_name} of saved features")
-                path = figures.save(figure, self.out / f"{method}_{row['label']}.png")
-                self.add("Feature embeddings", f"{method_name} {row['label']}", path,
-                         f"{method_name} of the features of {len(labels)} val samples at {', '.join(taps)}, coloured "
-                         f"by class{' (dominant non-background class of the mask)' if self.study.task == 'segmentation' else ''}"
-                         f" — {who(row, artifacts)}. Points: data/embeddings.csv.")
+                    points, name = self.project(method, row["label"], tap, features[tap])
+                    panels.append((name, points))
+                    rows.append(pd.DataFrame({"label": row["label"], "trial": row["trial"], "tap": tap,
+                                              "method": method, "index": features["indices"],
+                                              "class": features["labels"], "x": points[:, 0], "y": points[:, 1]}))
+                if panels:
+                    self.embedding_figure(row, artifacts, method, panels, taps)
         if rows:
             pd.concat(rows, ignore_index=True).to_csv(self.out / "data" / "embeddings.csv", index=False)
 
-    def project(self, method: str, tap: str, features: np.ndarray) -> tuple[np.ndarray, str]:
+    def embedding_figure(self, row: pd.Series, artifacts: Artifacts, method: str, panels: list, taps: list) -> None:
+        labels = artifacts.get("features")["labels"].astype(np.int64)
+        names = class_names(self.study, artifacts, row["trial"])
+        segmentation = self.study.task == "segmentation"
+        method_name = "t-SNE" if method == "tsne" else "PCA"
+        figure = figures.embeddings(panels, labels, names, segmentation,
+                                    f"{self.study.name} {row['label']}: {method_name} of saved features")
+        path = figures.save(figure, self.out / f"{method}_{row['label']}.png")
+        by = "class (the dominant non-background class of the mask)" if segmentation else "class"
+        self.add("Feature embeddings", f"{method_name} {row['label']}", path,
+                 f"{method_name} of the features of {len(labels)} val samples at {', '.join(taps)}, coloured by "
+                 f"{by} — {who(row, artifacts)}. Points: data/embeddings.csv.")
+
+    def project(self, method: str, label: str, tap: str, features: np.ndarray) -> tuple[np.ndarray, str]:
         """2-D points and a panel title; identical inputs (every VAE's 'input' tap) are embedded once."""
         key = (method, features.shape, hashlib.sha1(np.ascontiguousarray(features).tobytes()).hexdigest())
         if key not in self._projections:
+            start = time.perf_counter()
             if method == "tsne":
-                self._projections[key] = embed.tsne(features, self.perplexity), f"t-SNE of {tap}"
+                points = embed.tsne(features, self.perplexity)
+                self._projections[key] = points, f"t-SNE of {tap} ({features.shape[1]}-d)"
             else:
                 points, ratio = embed.pca(features)
-                self._projections[key] = points, f"PCA of {tap} ({100 * ratio.sum():.0f}% of variance)"
+                self._projections[key] = points, (f"PCA of {tap} ({features.shape[1]}-d, "
+                                                  f"{100 * ratio.sum():.0f}% of variance)")
+            seconds = time.perf_counter() - start
+            self.report.timings[f"{method} {label} {tap}"] = seconds
+            if method == "tsne":
+                self.progress(f"  t-SNE {label} {tap:<15} {features.shape[0]}x{features.shape[1]}  {seconds:.1f}s")
         return self._projections[key]
 
     def feature_maps(self) -> None:
@@ -227,9 +232,9 @@ class Builder:
         figure = images.feature_maps(maps, sorted(taps, key=embed.ordered_taps(maps).index), image,
                                      title=f"{self.study.name} {row['label']}: feature maps of one val image")
         path = figures.save(figure, self.out / "feature_maps.png")
+        where = "decoder block" if taps[0].startswith("decoder_block") else "tap"
         self.add("Feature maps", "Feature maps", path,
-                 f"The first channels at the end of each {'decoder block' if taps[0].startswith('decoder_block') else 'tap'}"
-                 f" for the first sample image — {who(row, artifacts)}.")
+                 f"The first channels at the end of each {where} for the first sample image — {who(row, artifacts)}.")
 
     def swept(self) -> None:
         table = self.report.table
@@ -240,7 +245,7 @@ class Builder:
             path = figures.save(figure, self.out / f"final_vs_{param.replace('/', '_')}.png")
             self.add("Final loss vs hyperparameter", f"vs {param}", path,
                      f"Final val metrics of every OK trial of study {self.study.name} against {param} (dots = trials, "
-                     f"line = mean per value).")
+                     f"line = mean per value of the trials that ran every epoch; hollow = stopped early).")
 
     def build(self) -> Report:
         (self.out / "data").mkdir(parents=True, exist_ok=True)

@@ -80,8 +80,10 @@ def label_trials(trials: pd.DataFrame) -> pd.DataFrame:
 def ranked(study: Study) -> pd.DataFrame:
     """The labelled trials, OK ones ranked by the study's metric (1 = best), ERROR ones unranked."""
     trials = label_trials(study.trials)
-    ok = trials["status"].eq("OK") & trials[study.metric].notna() if study.metric in trials else trials["status"].eq("OK")
-    score = trials[study.metric].where(ok) if study.metric in trials else pd.Series(float("nan"), index=trials.index)
+    if study.metric in trials:
+        score = trials[study.metric].where(trials["status"].eq("OK"))
+    else:  # a study whose every trial failed before its first report
+        score = pd.Series(float("nan"), index=trials.index)
     # ties keep trials.csv's order, so the one best row is the runner's "best config"
     trials["rank"] = score.rank(ascending=study.mode == "min", method="first")
     trials["best"] = trials["rank"].eq(1)

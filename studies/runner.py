@@ -206,5 +206,8 @@ def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, met
     best = table[table["status"] == "OK"]
     if not best.empty:
         print("best config:", {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
-    print(f"MLflow UI: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"MLflow UI: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}")
+    else:
+        print(f"MLflow UI: {uri} (the tracking server; see README, 'Run on a cluster', for port forwarding)")
     print(f"report:    python -m analysis {study_dir} --mlflow-uri {uri}")

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from analysis import embed
 from analysis.html import write_html, write_markdown
 from analysis.load import load_artifacts, load_study, read_results
 from analysis.report import build_report
@@ -107,6 +108,24 @@ def test_letters_and_repeated_samples_share_a_variant():
     labelled = label_trials(trials)
     assert list(labelled["label"]) == ["A.1", "A.2", "B.1", "B.2"]
     assert list(labelled["setting"]) == ["optim/lr=0.1", "optim/lr=0.1", "optim/lr=0.01", "optim/lr=0.01"]
+
+
+def test_embeddings_of_192_samples_and_collapsed_features():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(192, 64)).astype(np.float32)
+    features[:96] += 3  # two clusters
+    points = embed.tsne(features)
+    assert points.shape == (192, 2) and np.isfinite(points).all()
+    cluster = np.arange(192) >= 96
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(192) * 1e9
+    assert (cluster[distances.argmin(1)] == cluster).mean() > 0.95  # neighbours stay in their cluster
+    assert embed.pca(features)[0].shape == (192, 2)
+    # a collapsed VAE posterior (the same mu for every image) made sklearn's t-SNE segfault: refused instead
+    collapsed = np.full((192, 16), 0.06, dtype=np.float32) + 1e-7 * rng.normal(size=(192, 16)).astype(np.float32)
+    assert "collapsed" in embed.can_embed(collapsed)
+    assert "NaN" in embed.can_embed(np.full((8, 3), np.nan))
+    assert embed.can_embed(features) is None
+    assert embed.default_perplexity(64) == 21 and embed.default_perplexity(192) == 30
 
 
 def test_loading_dedupes_epochs_and_fills_config_defaults(hand_study):

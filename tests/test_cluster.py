@@ -219,10 +219,14 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(cluster):
-    """The --quick study, run as a user would, joined to the cluster with --address."""
+    """The --quick study, run as a user would, joined to the cluster with --address.
+
+    Its own 20 steps an epoch, not fewer: the first trial worker to finish importing torch must not be able
+    to run all five trials alone before the other node's worker is ready (with reuse_actors it would).
+    """
     storage = cluster["dir"] / "shared"
     args = ["--quick", "--address", cluster["address"], "--storage", str(storage), "--mlflow-uri",
-            cluster["mlflow_uri"], "--cpus-per-trial", "1", "--steps-per-epoch", "5"]
+            cluster["mlflow_uri"], "--cpus-per-trial", "1"]
     done = subprocess.run(study_command(STUDY, *args), cwd=cluster["dir"], env=cluster["env"], capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
