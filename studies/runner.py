@@ -182,27 +182,34 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
             tuner = tune.Tuner.restore(study_dir, trainable=_trainable(base, args))
         else:
             tuner = _make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples)
-        if local:
-            Path(study_dir).mkdir(parents=True, exist_ok=True)
-            (Path(study_dir) / "study.json").write_text(json.dumps(
-                {"name": name, "task": base.TASK, "metric": metric, "mode": mode, "mlflow_uri": uri,
-                 "base": base.to_dict(), "argv": sys.argv}, indent=2, default=str))
+        write_file(f"{study_dir}/study.json", json.dumps(
+            {"name": name, "task": base.TASK, "metric": metric, "mode": mode, "mlflow_uri": uri,
+             "base": base.to_dict(), "argv": sys.argv}, indent=2, default=str))
         results = tuner.fit()
     finally:
         if started:
             ray.shutdown()
     table = summarize(results, metric, mode)
-    _print_summary(table, name, study_dir, uri, metric, local)
+    write_file(f"{study_dir}/trials.csv", table.to_csv(index=False))
+    _print_summary(table, name, study_dir, uri, metric)
     return table
 
 
-def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, local: bool) -> None:
+def write_file(path: str, text: str) -> None:
+    """Write beside Tune's results, on a local disk or in S3/GCS alike (pyarrow, as Tune itself)."""
+    from pyarrow import fs
+
+    filesystem, fs_path = fs.FileSystem.from_uri(path if "://" in path else Path(path).resolve().as_uri())
+    filesystem.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(fs_path) as stream:
+        stream.write(text.encode())
+
+
+def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str) -> None:
     shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
     print(f"\n=== {name}: {len(table)} trial(s), sorted by {metric} ===")
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if local:
-        table.to_csv(Path(study_dir) / "trials.csv", index=False)
-        print(f"\ntable: {study_dir}/trials.csv")
+    print(f"\ntable: {study_dir}/trials.csv")
     best = table[table["status"] == "OK"]
     if not best.empty:
         print("best config:", {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})

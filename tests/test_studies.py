@@ -122,3 +122,12 @@ def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env
     assert "--gpus-per-trial 4" in done.stderr and "GPU" in done.stderr
     assert time.time() - start < 90
     assert not list((tmp_path / "results").glob("seg_concat/*/result.json"))  # no trial started
+
+
+def test_study_files_are_written_to_uri_storage_as_to_local_folders(tmp_path):
+    from studies.runner import write_file
+
+    write_file((tmp_path / "remote" / "study" / "trials.csv").as_uri(), "a,b\n1,2\n")  # file:// as s3:// would
+    write_file(str(tmp_path / "local" / "study.json"), "{}")
+    assert (tmp_path / "remote" / "study" / "trials.csv").read_text() == "a,b\n1,2\n"
+    assert (tmp_path / "local" / "study.json").read_text() == "{}"
