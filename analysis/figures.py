@@ -141,7 +141,11 @@ def final_vs_param(table: pd.DataFrame, param: str, metrics: Sequence[str], titl
             ax.legend(fontsize=7)
         ax.plot(means.index, means.values, "-", color="tab:blue")
         if (ok[param] > 0).all() and ok[param].max() >= 8 * ok[param].min():  # lr 1e-4..1e-2, latent 2..64
-            ax.set_xscale("log", base=2 if ok[param].map(float.is_integer).all() else 10)
+            integers = bool((ok[param] % 1 == 0).all())
+            ax.set_xscale("log", base=2 if integers else 10)
+            if integers:  # latent sizes read as 2, 4, ... 64, not 2^1 ... 2^6
+                values = sorted(ok[param].unique())
+                ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.set(xlabel=param, ylabel=f"final {metric}", title=metric)
         ax.grid(alpha=0.3)
     figure.suptitle(title)

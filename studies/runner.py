@@ -134,7 +134,7 @@ def summarize(results, metric: str, mode: str) -> pd.DataFrame:
                **{f"config/{k}": v for k, v in config.items()},
                **{k: (result.metrics or {}).get(k) for k in SUMMARY_KEYS}}
         if result.error:
-            row["error"] = str(result.error).strip().splitlines()[-1][:300]
+            row["error"] = str(result.error).strip().splitlines()[-1][:2000]
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
@@ -209,6 +209,8 @@ def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, met
     shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
     print(f"\n=== {name}: {len(table)} trial(s), sorted by {metric} ===")
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for _, failed in table[table["status"] == "ERROR"].iterrows():
+        print(f"ERROR {failed['trial']}: {failed.get('error', '')[:400]}")
     print(f"\ntable: {study_dir}/trials.csv")
     best = table[table["status"] == "OK"]
     if not best.empty:

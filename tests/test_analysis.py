@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import embed
+from analysis import embed, figures
 from analysis.html import write_html, write_markdown
 from analysis.load import load_artifacts, load_study, read_results
 from analysis.report import build_report
@@ -126,6 +126,18 @@ def test_embeddings_of_192_samples_and_collapsed_features():
     assert "NaN" in embed.can_embed(np.full((8, 3), np.nan))
     assert embed.can_embed(features) is None
     assert embed.default_perplexity(64) == 21 and embed.default_perplexity(192) == 30
+
+
+@pytest.mark.parametrize("param, values", [("latent_dim", [2, 8, 32, 64]), ("optim/lr", [1e-4, 1e-3, 1e-2, 5e-2])])
+def test_final_loss_against_a_swept_hyperparameter(param, values, tmp_path):
+    table = pd.DataFrame({param: values, "status": ["OK"] * 3 + ["ERROR"], "epoch": [4, 4, 1, None],
+                          "val/loss": [3.0, 2.0, 5.0, None], "val/kl": [0.1, 0.2, 0.3, None]})
+    figure = figures.final_vs_param(table, param, ["val/loss", "val/kl"], "t")
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log"
+    filled, hollow = ax.lines[0], ax.lines[1]  # ran every epoch vs stopped early by ASHA
+    assert list(filled.get_ydata()) == [3.0, 2.0] and list(hollow.get_ydata()) == [5.0]
+    assert_png(figures.save(figure, tmp_path / "swept.png"))
 
 
 def test_loading_dedupes_epochs_and_fills_config_defaults(hand_study):

@@ -3,6 +3,7 @@ guarantees: spaces as the report, resume without reruns or duplicate runs, early
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import time
 
@@ -108,6 +109,9 @@ def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
         assert (storage / trial / "checkpoint_000001" / "artifacts" / "meta.json").stat().st_mtime == mtime
     table = pd.read_csv(storage / "trials.csv")
     assert len(table) == 6 and (table["status"] == "OK").all()
+    for results in storage.glob("*/result.json"):  # no epoch lost from Tune's results
+        epochs = [json.loads(line)["epoch"] for line in results.read_text().splitlines()]
+        assert sorted(set(epochs)) == [1, 2], (results.parent.name, epochs)
     client, runs = mlflow_runs(tmp_path, "vae_latent")
     assert len(runs) == 6  # no duplicate MLflow runs
     for run in runs:
