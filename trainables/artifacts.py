@@ -24,7 +24,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 def fixed_indices(total: int, count: int) -> list[int]:
     """The same ``count`` val samples in every trial of every study (a fixed permutation, seed 0)."""
     order = torch.randperm(total, generator=torch.Generator().manual_seed(0))
-    return sorted(order[: min(count, total)].tolist())
+    return order[: min(count, total)].tolist()  # unsorted: the first few (shown in grids) mix the classes
 
 
 def stack_samples(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

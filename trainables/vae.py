@@ -56,7 +56,8 @@ def write_artifacts(config: VAEConfig, built: Built, model: nn.Module, hw: Hardw
     save_rows(out / "reconstructions.png", [shown, recon])
     save_rows(out / "prior_samples.png", list(prior.view(8, PRIOR_SAMPLES // 8, *prior.shape[1:])))
     np.savez_compressed(out / "samples.npz", images=shown.numpy(), reconstructions=recon.numpy(),
-                        prior=prior.numpy(), targets=labels[:GRID_IMAGES].numpy())
+                        prior=prior.numpy(), targets=labels[:GRID_IMAGES].numpy(),
+                        indices=np.asarray(indices[:GRID_IMAGES]))
     write_meta(out, task=config.TASK, model=config.model, dataset=config.dataset,
                class_names=list(built.class_names), taps=["mu", "input"], latent_dim=config.latent_dim)
 
