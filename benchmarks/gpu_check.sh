@@ -24,7 +24,7 @@ timeout 300 "$PY" benchmarks/model_throughput.py --device cuda --amp both --chan
 tail -n 40 "$TMP/models.txt"
 
 echo "== 2/3 VOC loader vs U-Net training steps on the GPU (256 px, batch 32)"
-timeout 180 "$PY" benchmarks/data_throughput.py --device cuda --batch-size 32 --images 96 --batches 4 \
+timeout 180 "$PY" benchmarks/data_throughput.py --device cuda --batch-size 32 --images 192 --batches 4 \
     --workers 0 1 2 4 > "$TMP/data.txt"
 tail -n 12 "$TMP/data.txt"
 

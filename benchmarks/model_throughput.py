@@ -22,6 +22,7 @@ import gc
 import os
 import threading
 import time
+from functools import partial
 
 from common import table, write_json  # first: puts the repository on sys.path
 
@@ -78,27 +79,25 @@ class UNetEncoder(nn.Module):
         return self.encoder(x)[-1]  # layer3 (B,1024,H/16,W/16): what the truncated reference returns
 
 
-def pairs(names: list[str]) -> list[tuple[str, callable, str, callable, str]]:
-    """(row name, build ours, reference name, build reference or None, shape key)."""
+def pairs(names: list[str]) -> list[tuple]:
+    """(row name, build ours, reference name, build reference or None, shape key) per measured network."""
     rows = []
     for name in names:
-        classes = SHAPES[name][3]
+        ours = partial(build_model, name, **({"num_classes": SHAPES[name][3]} if SHAPES[name][3] else {}))
         if name == "vgg16":
-            rows.append((name, lambda: build_model("vgg16", num_classes=10), "vgg16_bn (32x32 head)",
-                         lambda: vgg16_bn_32(10), name))
+            rows.append((name, ours, "vgg16_bn (32x32 head)", partial(vgg16_bn_32, 10), name))
         elif name.startswith("resnet"):
-            rows.append((name, lambda n=name: build_model(n, num_classes=10), f"{name} (CIFAR stem)",
-                         lambda n=name: cifar_resnet(n, 10), name))
+            rows.append((name, ours, f"{name} (CIFAR stem)", partial(cifar_resnet, name, 10), name))
         elif name == "unet_resnet50":
-            rows.append(("unet_resnet50 encoder", lambda: UNetEncoder(build_model(name, num_classes=classes)),
-                         "resnet50 to layer3", resnet50_to_layer3, name))
-            rows.append(("unet_resnet50", lambda: build_model(name, num_classes=classes), "-", None, name))
+            rows.append(("unet_resnet50 encoder", lambda build=ours: UNetEncoder(build()), "resnet50 to layer3",
+                         resnet50_to_layer3, name))
+            rows.append((name, ours, "-", None, name))
         elif name == "segnet_vgg16":
-            rows.append(("segnet_vgg16 encoder", lambda: SegNetEncoder(build_model(name, num_classes=classes)),
-                         "vgg16_bn features", lambda: tvm.vgg16_bn().features, name))
-            rows.append(("segnet_vgg16", lambda: build_model(name, num_classes=classes), "-", None, name))
+            rows.append(("segnet_vgg16 encoder", lambda build=ours: SegNetEncoder(build()), "vgg16_bn features",
+                         lambda: tvm.vgg16_bn().features, name))
+            rows.append((name, ours, "-", None, name))
         else:
-            rows.append((name, lambda n=name: build_model(n), "-", None, name))
+            rows.append((name, ours, "-", None, name))
     return rows
 
 

@@ -1,36 +1,45 @@
 """What does a study through our runner cost over the same training in a plain process pool?
 
-N trials of the VAE on embedded mnist5k (our trainable, per-epoch checkpoints, end-of-trial artifacts),
-each calibrated to about T seconds of training, run four ways with the same parallelism:
+N trials of the VAE on embedded mnist5k (our trainable: 4 epochs, a checkpoint per epoch, end-of-trial
+artifacts), each calibrated to about T seconds of training, run four ways with the same parallelism P:
   (a) ours:   run_study (Ray Tune, reuse_actors, MLflow on sqlite, CheckpointConfig(num_to_keep=2))
-  (b) pool:   ProcessPoolExecutor (spawn: workers import torch as Ray's do) calling run_trial with a
-              LocalSession -- the limit
-  (c) optuna: optuna's study.optimize(n_jobs=P), which runs trials in *threads* of one process;
-              run_trial sets torch to 1 intra-op thread per trial, so P threads use P cores
-  (d) plain:  a Tuner with Tune's defaults (fresh worker per trial, keep every checkpoint, no MLflow)
-Every wall time is divided by (b)'s from the same round; Ray's start (ray.init + shutdown) is timed apart.
+  (b) pool:   ProcessPoolExecutor(P) (spawn: workers import torch, as Ray's do) calling run_trial with
+              a LocalSession (checkpoints copied to a folder) -- the limit
+  (c) optuna: study.optimize(n_jobs=P), which runs trials in *threads* of one process; run_trial sets
+              torch to 1 intra-op thread (per process, so P threads use P cores)
+  (d) plain:  a Tuner with Tune's defaults (a fresh worker per trial, every checkpoint kept, no MLflow)
+Every wall time is divided by (b)'s from the same round; rounds alternate the order (ABBA). (a) and (d)
+run in a fresh Python process each (imports done before timing, as for (b) and (c)); Ray's start
+(ray.init + ray.shutdown) is timed apart. (a) logs into an MLflow database that already exists, as after a
+first study; creating a new one (MLflow's schema migrations, once per database) is timed apart.
 Ray runs its workers at niceness 15; the pool's workers and Optuna's trial threads get the same (--nice),
 so that on a shared machine other users' load slows every way alike.
 
-    python benchmarks/tune_overhead.py                      # 8 trials at ~2 s and ~7 s (about 5 minutes)
+    python benchmarks/tune_overhead.py                      # 8 trials of ~7 s (about 5 minutes on 2 cores)
     python benchmarks/tune_overhead.py --lengths 2 7 30 --repeats 2
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import logging
 import multiprocessing
 import os
 import shutil
+import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import table, write_json
+from common import ROOT, table, write_json
 
 WAYS = ("pool", "ours", "optuna", "plain")  # (b) first: every ratio divides by it
+NICE = 15  # Ray's default worker niceness (RAY_worker_niceness); --nice changes it for pool and Optuna
+STUDY = "bench_ours"
 
 
 def vae_config(root: str, steps: int, epochs: int, seed: int = 0) -> dict:
@@ -63,14 +72,19 @@ def calibrate(root: str, epochs: int, lengths: list[float]) -> dict[float, int]:
     return {t: max(1, round((t - fixed) / (epochs * per_step)) + 1) for t in lengths}
 
 
-NICE = 15  # Ray's default worker niceness (RAY_worker_niceness); --nice changes it for pool and Optuna
-
-
 def _lower_priority(nice: int) -> None:
-    """This thread (Linux: a thread is a task with its own niceness) at ``nice``, as Ray runs its workers."""
+    """This thread (on Linux a thread has its own niceness) at ``nice``, as Ray runs its workers."""
     current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     if nice > current:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def _clear_data_caches() -> None:
+    """Forget mnist5k in this process, so that Optuna's trials load it as every other way's workers do."""
+    from trainables.data import classification
+
+    classification._mnist5k_arrays.cache_clear()
+    classification._embedded_tensors.cache_clear()
 
 
 def run_pool(configs: list[dict], workers: int, tmp: Path) -> dict:
@@ -87,6 +101,7 @@ def run_optuna(configs: list[dict], workers: int, tmp: Path) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = torch.get_num_threads()
+    _clear_data_caches()
     times = []
 
     def objective(trial) -> float:
@@ -102,121 +117,126 @@ def run_optuna(configs: list[dict], workers: int, tmp: Path) -> dict:
     return {"wall_s": wall, "trial_s": times}
 
 
-def _with_ray(workers: int, body) -> dict:
-    """Time ray.init and ray.shutdown apart from the body."""
+def run_in_child(way: str):
+    """(a) and (d) in a fresh Python process each, so every round pays the same imports and Ray state."""
+    def run(configs: list[dict], workers: int, tmp: Path) -> dict:
+        (tmp / "configs.json").write_text(json.dumps(configs))
+        command = [sys.executable, __file__, "--child", way, "--workers", str(workers), "--tmp", str(tmp)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        lines = [line for line in done.stdout.splitlines() if line.startswith("CHILD-RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"{way} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return json.loads(lines[-1][len("CHILD-RESULT "):])
+    return run
+
+
+def child(way: str, workers: int, tmp: Path) -> dict:
+    """The body of (a) or (d) in this fresh process: imports first, then Ray's start, the study, Ray's stop."""
     import ray
-
-    start = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
-    ray_start = time.perf_counter() - start
-    try:
-        result = body()
-    finally:
-        stop = time.perf_counter()
-        ray.shutdown()
-        ray_stop = time.perf_counter() - stop
-    return {**result, "ray_start_s": ray_start + ray_stop}
-
-
-def run_ours(configs: list[dict], workers: int, tmp: Path) -> dict:
     from ray import tune
 
     from studies.runner import run_study
-    from trainables import VAEConfig
+    from trainables import VAEConfig, train_vae
 
-    base = VAEConfig.from_dict(configs[0])
-    space = {"seed": tune.grid_search([c["seed"] for c in configs])}
-    argv = ["--storage", str(tmp / "storage"), "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db",
-            "--cpus-per-trial", "1", "--max-concurrent", str(workers)]
-
-    def body():
-        start = time.perf_counter()
-        summary = run_study("bench_ours", base, space, metric="val/loss", mode="min", argv=argv)
-        wall = time.perf_counter() - start
-        ok = int((summary["status"] == "OK").sum())
-        return {"wall_s": wall, "trials_ok": ok, **_checkpoint_facts(tmp / "storage" / "bench_ours"),
-                "mlflow_runs": _mlflow_runs(f"sqlite:///{tmp}/mlflow.db")}
-
-    return _with_ray(workers, body)
-
-
-def run_plain(configs: list[dict], workers: int, tmp: Path) -> dict:
-    from ray import tune
-
-    from trainables import train_vae
-
-    space = {**configs[0], "seed": tune.grid_search([c["seed"] for c in configs])}
-
-    def body():
-        start = time.perf_counter()
-        tuner = tune.Tuner(tune.with_resources(train_vae, {"cpu": 1}), param_space=space,
+    configs = json.loads((tmp / "configs.json").read_text())
+    seeds = tune.grid_search([c["seed"] for c in configs])
+    start = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+    ray_start = time.perf_counter() - start
+    start = time.perf_counter()
+    if way == "ours":
+        argv = ["--storage", str(tmp / "storage"), "--mlflow-uri", f"sqlite:///{tmp.parent}/mlflow.db",
+                "--cpus-per-trial", "1", "--max-concurrent", str(workers)]
+        summary = run_study(STUDY, VAEConfig.from_dict(configs[0]), {"seed": seeds}, metric="val/loss", mode="min",
+                            argv=argv)
+        result = {"trials_ok": int((summary["status"] == "OK").sum())}
+    else:
+        tuner = tune.Tuner(tune.with_resources(train_vae, {"cpu": 1}), param_space={**configs[0], "seed": seeds},
                            tune_config=tune.TuneConfig(metric="val/loss", mode="min"),
                            run_config=tune.RunConfig(name="bench_plain", storage_path=str(tmp / "storage")))
-        results = tuner.fit()
-        return {"wall_s": time.perf_counter() - start, "trials_ok": sum(not r.error for r in results),
-                "trial_s": [r.metrics.get("time_total_s") for r in results]}
-
-    return _with_ray(workers, body)
-
-
-def _checkpoint_facts(study_dir: Path) -> dict:
-    kept = sorted(study_dir.glob("*/checkpoint_*"))
-    return {"checkpoints_kept": len(kept), "checkpoint_mb": round(sum(
-        f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file()) / max(len(kept), 1) / 2**20, 2)}
+        result = {"trials_ok": sum(not r.error for r in tuner.fit())}
+    wall = time.perf_counter() - start
+    stop = time.perf_counter()
+    ray.shutdown()
+    ray_start += time.perf_counter() - stop
+    kept = sorted((tmp / "storage").glob("*/*/checkpoint_*"))
+    size = sum(f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file())
+    return {"wall_s": wall, "ray_start_s": ray_start, **result, "checkpoints_kept": len(kept),
+            "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2)}
 
 
-def _mlflow_runs(uri: str) -> int:
-    from mlflow.tracking import MlflowClient
+def new_mlflow_db(path: Path) -> float:
+    """Create the MLflow database once (a fresh Python process); returns the seconds it took."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import sys; from mlflow.tracking import MlflowClient; "
+                    "MlflowClient(tracking_uri=sys.argv[1]).search_experiments()", f"sqlite:///{path}"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
 
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("bench_ours")
-    return len(client.search_runs([experiment.experiment_id])) if experiment else 0
+
+def mlflow_runs(path: Path) -> dict:
+    """Runs of the benchmark's experiment by status, read with sqlite3 (this process never imports MLflow)."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT r.status, COUNT(*) FROM runs r JOIN experiments e ON r.experiment_id = "
+                          "e.experiment_id WHERE e.name = ? GROUP BY r.status", (STUDY,)).fetchall()
+    return dict(rows)
 
 
-RUNNERS = {"pool": run_pool, "ours": run_ours, "optuna": run_optuna, "plain": run_plain}
+RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna, "plain": run_in_child("plain")}
 
 
 def main() -> None:
     global NICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=float, nargs="+", default=[2.0, 7.0], help="seconds of training per trial")
+    parser.add_argument("--lengths", type=float, nargs="+", default=[7.0], help="seconds of training per trial")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="trials at once (pool workers, Optuna n_jobs, CPUs)")
     parser.add_argument("--epochs", type=int, default=4, help="reports and checkpoints per trial")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per length; odd rounds run in reverse order")
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--nice", type=int, default=NICE, help="niceness of pool workers and Optuna threads")
+    parser.add_argument("--child", choices=("ours", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print("CHILD-RESULT " + json.dumps(child(args.child, args.workers, args.tmp)))
+        return
     NICE = args.nice
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ways = ["pool", *[w for w in args.ways if w != "pool"]]
-    root = tempfile.mkdtemp(prefix="vt-data-")
+    work = Path(tempfile.mkdtemp(prefix="vt-overhead-"))
+    root = str(work / "data")
     steps = calibrate(root, args.epochs, args.lengths)
+    new_db_s = new_mlflow_db(work / "mlflow.db") if "ours" in ways else None
     rows, raw = [], []
     for length in args.lengths:
         configs = [vae_config(root, steps[length], args.epochs, seed) for seed in range(args.trials)]
-        sums: dict[str, dict] = {w: {"wall_s": 0.0, "ray_start_s": 0.0, "trial_s": []} for w in ways}
+        sums = {w: {"wall_s": 0.0, "ray_start_s": 0.0} for w in ways}
+        pool_trials: list[float] = []
         for round_ in range(args.repeats):
             for way in (ways if round_ % 2 == 0 else ways[::-1]):  # ABBA: drift in the load cancels
-                tmp = Path(tempfile.mkdtemp(prefix=f"vt-{way}-"))
-                logging.info("--- %s, ~%g s trials, round %d", way, length, round_ + 1)
+                tmp = Path(tempfile.mkdtemp(prefix=f"{way}-", dir=work))
+                logging.info("%s, %d trials of ~%g s, round %d", way, args.trials, length, round_ + 1)
                 result = RUNNERS[way](configs, args.workers, tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
-                raw.append({"length": length, "way": way, "round": round_, "steps_per_epoch": steps[length],
-                            **result})
+                raw.append({"length": length, "way": way, "round": round_, "steps_per_epoch": steps[length], **result})
                 sums[way]["wall_s"] += result["wall_s"]
                 sums[way]["ray_start_s"] += result.get("ray_start_s", 0.0)
-                sums[way]["trial_s"] += [t for t in result.get("trial_s", []) if t]
+                pool_trials += result.get("trial_s", []) if way == "pool" else []
         pool = sums["pool"]["wall_s"]
         for way in ways:
             wall, ray_start = sums[way]["wall_s"], sums[way]["ray_start_s"]
-            trial_s = sums["pool"]["trial_s"]
-            rows.append({"length": f"~{length:g} s", "way": way, "trial_s": sum(trial_s) / max(len(trial_s), 1),
+            rows.append({"length": f"~{length:g} s", "way": way, "pool_trial_s": sum(pool_trials) / len(pool_trials),
                          "wall_s": wall / args.repeats, "ray_start_s": ray_start / args.repeats,
                          "ratio": wall / pool, "ratio_with_start": (wall + ray_start) / pool})
-    print(table(rows, ["length", "way", "trial_s", "wall_s", "ray_start_s", "ratio", "ratio_with_start"]))
-    path = write_json("tune_overhead", {"args": vars(args), "steps_per_epoch": steps, "rows": rows, "runs": raw})
+    runs = mlflow_runs(work / "mlflow.db") if "ours" in ways else {}
+    shutil.rmtree(work, ignore_errors=True)
+    print(table(rows, ["length", "way", "pool_trial_s", "wall_s", "ray_start_s", "ratio", "ratio_with_start"]))
+    if new_db_s is not None:
+        print(f"(a) checks: {runs} MLflow runs; a new MLflow database took {new_db_s:.1f} s once "
+              "(a CLI study overlaps it with Ray's start)")
+    path = write_json("tune_overhead", {"args": {k: str(v) for k, v in vars(args).items()}, "steps_per_epoch": steps,
+                                        "new_mlflow_db_s": new_db_s, "mlflow_runs": runs, "rows": rows, "runs": raw})
     print(f"json: {path}")
     at7 = [r["ratio"] for r in rows if r["way"] == "ours" and r["length"] == "~7 s"]
     print(f"ratio at 7 s: {at7[0]:.3f}" if at7 else "ratio at 7 s: nan (7 not in --lengths)")
