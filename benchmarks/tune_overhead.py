@@ -60,15 +60,26 @@ def local_trial(config: dict, out_dir: str) -> tuple[float, float]:
     return time.perf_counter() - start, metrics["val/loss"]
 
 
-def calibrate(root: str, epochs: int, lengths: list[float]) -> dict[float, int]:
-    """steps_per_epoch per target length, from a fixed-cost run (1 step) and a 12-step run, in this process."""
+def _calibration_runs(root: str, epochs: int, out_dir: str) -> tuple[float, float]:
+    """(seconds of a 1-step trial, seconds of a 12-step trial) after a warm-up trial, in one worker."""
+    local_trial(vae_config(root, 1, epochs), f"{out_dir}/warm")  # data cache, first-call costs
+    fixed = min(local_trial(vae_config(root, 1, epochs), f"{out_dir}/f{i}")[0] for i in range(2))
+    return fixed, local_trial(vae_config(root, 12, epochs), f"{out_dir}/l")[0]
+
+
+def calibrate(root: str, epochs: int, lengths: list[float], workers: int) -> dict[float, int]:
+    """steps_per_epoch per target length, timed in a pool of ``workers`` running side by side (as the trials
+    will, so that sharing the cores is part of the per-step time)."""
     tmp = tempfile.mkdtemp(prefix="vt-cal-")
-    local_trial(vae_config(root, 1, epochs), f"{tmp}/warm")  # data cache, first-call costs
-    fixed = min(local_trial(vae_config(root, 1, epochs), f"{tmp}/f{i}")[0] for i in range(2))
-    longer = local_trial(vae_config(root, 12, epochs), f"{tmp}/l")[0]
-    per_step = max((longer - fixed) / (11 * epochs), 1e-4)
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_lower_priority, initargs=(NICE,)) as pool:
+        runs = list(pool.map(_calibration_runs, [root] * workers, [epochs] * workers,
+                             [f"{tmp}/w{i}" for i in range(workers)]))
     shutil.rmtree(tmp, ignore_errors=True)
-    logging.info("calibration: fixed %.2f s per trial, %.1f ms per step", fixed, per_step * 1e3)
+    fixed = sum(f for f, _ in runs) / workers
+    per_step = max(sum(long - f for f, long in runs) / workers / (11 * epochs), 1e-4)
+    logging.info("calibration (%d side by side): fixed %.2f s per trial, %.1f ms per step", workers, fixed,
+                 per_step * 1e3)
     return {t: max(1, round((t - fixed) / (epochs * per_step)) + 1) for t in lengths}
 
 
@@ -188,7 +199,7 @@ RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna,
 def main() -> None:
     global NICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=float, nargs="+", default=[7.0], help="seconds of training per trial")
+    parser.add_argument("--lengths", type=float, nargs="+", default=[2.0, 7.0], help="seconds of training per trial")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="trials at once (pool workers, Optuna n_jobs, CPUs)")
     parser.add_argument("--epochs", type=int, default=4, help="reports and checkpoints per trial")
@@ -203,10 +214,11 @@ def main() -> None:
         return
     NICE = args.nice
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("trainables").setLevel(logging.WARNING)  # Optuna's trials run in this process
     ways = ["pool", *[w for w in args.ways if w != "pool"]]
     work = Path(tempfile.mkdtemp(prefix="vt-overhead-"))
     root = str(work / "data")
-    steps = calibrate(root, args.epochs, args.lengths)
+    steps = calibrate(root, args.epochs, args.lengths, args.workers)
     new_db_s = new_mlflow_db(work / "mlflow.db") if "ours" in ways else None
     rows, raw = [], []
     for length in args.lengths:

@@ -59,6 +59,20 @@ class MLflowCallback(tune.Callback):
         self.tracker.finish(trial.trial_id, "FAILED", error=error)
 
 
+class KeepResultsOnRetry(tune.Callback):
+    """No epoch lost when a trial is retried: Tune 2.60 restarts a failed trial by copying its result.json back
+    from storage, where the copy lags the driver's own by up to one experiment snapshot, so the epochs reported
+    since that snapshot would vanish from Tune's results. Push the driver's copy to storage first."""
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        from pyarrow import fs
+
+        local = Path(trial.local_path, "result.json")
+        if local.is_file():
+            fs.copy_files(str(local), f"{trial.storage.trial_fs_path}/result.json",
+                          destination_filesystem=trial.storage.storage_filesystem)
+
+
 def launchable_nodes(config: str = AUTOSCALER_CONFIG) -> list[dict]:
     """Resources of the node types the autoscaler may still start: trials that wait for one are not stuck."""
     path = Path(config).expanduser()
@@ -116,7 +130,7 @@ def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: st
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
                                   reduction_factor=2)
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, callbacks=[MLflowCallback(tracker)], verbose=1,
+        name=name, storage_path=storage, callbacks=[MLflowCallback(tracker), KeepResultsOnRetry()], verbose=1,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,

@@ -37,23 +37,24 @@ def _history(tmp_path: Path, study: str) -> dict[str, tuple[str, list[int]]]:
 
 
 def test_survives_a_trial_worker_killed_mid_epoch(tmp_path, study_env, data_root):
-    """SIGKILL of the worker in epoch 2: retried from the epoch-1 checkpoint, same final metrics, one MLflow run."""
+    """SIGKILL of the worker in epoch 3: retried from the epoch-2 checkpoint, same final metrics, every epoch kept
+    in Tune's results and in one MLflow run."""
     study = tmp_path / "results" / "vae_losses"
     args = _argv(tmp_path, "--epochs", "3", "--steps-per-epoch", "40", "--max-failures", "1", "--max-concurrent", "1",
                  "--data-root", str(data_root))
     driver = subprocess.Popen(study_command("vae_losses", *args), cwd=tmp_path, env=study_env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim, deadline = None, time.time() + 240
-    while victim is None and time.time() < deadline:
+    victim, pid, deadline = None, None, time.time() + 240
+    while pid is None and time.time() < deadline:  # the bce trial's worker has written its epoch-2 checkpoint
         for params in study.glob("*/params.json"):
-            results = params.parent / "result.json"
-            if json.loads(params.read_text())["loss"] == "bce" and results.exists() and results.read_text().strip():
-                victim = params.parent
-        time.sleep(0.05)
-    assert victim is not None, "the bce trial never finished its first epoch"
-    pid = json.loads((victim / "result.json").read_text().splitlines()[0])["pid"]
-    time.sleep(0.3)  # well inside epoch 2 (an epoch takes seconds)
-    os.kill(pid, signal.SIGKILL)
+            trial = params.parent
+            if json.loads(params.read_text())["loss"] == "bce" and (trial / "checkpoint_000001").is_dir():
+                lines = (trial / "result.json").read_text().splitlines() if (trial / "result.json").exists() else []
+                victim, pid = trial, json.loads(lines[0])["pid"] if lines else None
+        time.sleep(0.02)
+    assert pid is not None, "the bce trial never reached its second checkpoint"
+    assert not (victim / "checkpoint_000002").exists(), "too late: the trial finished before the kill"
+    os.kill(pid, signal.SIGKILL)  # inside epoch 3, with epoch 2's result maybe not yet in storage
     out, _ = driver.communicate(timeout=400)
     assert driver.returncode == 0, out[-4000:]
 
