@@ -6,7 +6,7 @@ with `--scheduler fifo`. With 8 trials Optuna's TPE is still in its random start
 propose the same configs and differ only in how long each trial runs. Reports trial-epochs spent (the sum
 of each trial's last training_iteration, from its result.json) and whether the best configs agree.
 
-    python benchmarks/asha_savings.py                       # 8 trials x 4 epochs, about 5 minutes on 2 cores
+    python benchmarks/asha_savings.py                       # 8 trials x 8 epochs, about 4 minutes on 2 cores
     python benchmarks/asha_savings.py --trials 16 --epochs 8
 """
 from __future__ import annotations
@@ -64,9 +64,9 @@ def best(study: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=4, help="max_t of ASHA; FIFO runs every trial this long")
+    parser.add_argument("--epochs", type=int, default=8, help="max_t of ASHA; FIFO runs every trial this long")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--steps-per-epoch", type=int, default=2)
+    parser.add_argument("--steps-per-epoch", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vt-asha-"))

@@ -191,8 +191,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch-scale", type=int, default=1, help="multiply the small CPU batches (e.g. 8 on a GPU)")
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed window")
-    parser.add_argument("--rounds", type=int, default=4, help="timed windows per model (alternating)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed window")
+    parser.add_argument("--rounds", type=int, default=6, help="timed windows per model (alternating)")
     parser.add_argument("--amp", default="off", choices=("off", "on", "both"), help="bf16 autocast (CUDA only)")
     parser.add_argument("--channels-last", default="off", choices=("off", "on", "both"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -218,8 +218,8 @@ def main() -> None:
                 result = measure(ours, ref, args.steps, args.rounds, batch)
                 rows.append({"model": row_name, "reference": ref_name, "device": args.device, "amp": amp,
                              "channels_last": last, "batch": batch, "size": size, **result})
-                print(f"{row_name} amp={amp} channels_last={last}: {result.get('ratio', float('nan')):.3f}",
-                      flush=True)
+                ratio = f"ours/reference {result['ratio']:.3f}" if "ratio" in result else "no reference"
+                print(f"{row_name} amp={amp} channels_last={last}: {ratio}", flush=True)
                 del ours, ref
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -15,8 +15,12 @@ first study; creating a new one (MLflow's schema migrations, once per database) 
 Ray runs its workers at niceness 15; the pool's workers and Optuna's trial threads get the same (--nice),
 so that on a shared machine other users' load slows every way alike.
 
-    python benchmarks/tune_overhead.py                      # 8 trials of ~7 s (about 5 minutes on 2 cores)
-    python benchmarks/tune_overhead.py --lengths 2 7 30 --repeats 2
+    python benchmarks/tune_overhead.py                  # 8 trials of ~7 s, 2 rounds (ABBA): ~6 min on 2 cores
+    python benchmarks/tune_overhead.py --lengths 2 --repeats 2 && python benchmarks/tune_overhead.py --lengths 30 --trials 4
+
+Defaults measure ~7-s trials only, in two rounds, to stay under 10 minutes on 2 shared cores; the ~2-s and
+~30-s figures come from the flags above. A round's ratios swing by 10-30% when other jobs share the
+machine; the per-round column shows the spread.
 """
 from __future__ import annotations
 
@@ -199,11 +203,11 @@ RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna,
 def main() -> None:
     global NICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=float, nargs="+", default=[2.0, 7.0], help="seconds of training per trial")
+    parser.add_argument("--lengths", type=float, nargs="+", default=[7.0], help="seconds of training per trial")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="trials at once (pool workers, Optuna n_jobs, CPUs)")
     parser.add_argument("--epochs", type=int, default=4, help="reports and checkpoints per trial")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds per length; odd rounds run in reverse order")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per length; odd rounds run in reverse order")
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--nice", type=int, default=NICE, help="niceness of pool workers and Optuna threads")
     parser.add_argument("--child", choices=("ours", "plain"), help=argparse.SUPPRESS)
@@ -223,7 +227,8 @@ def main() -> None:
     rows, raw = [], []
     for length in args.lengths:
         configs = [vae_config(root, steps[length], args.epochs, seed) for seed in range(args.trials)]
-        sums = {w: {"wall_s": 0.0, "ray_start_s": 0.0} for w in ways}
+        walls: dict[str, list[float]] = {w: [] for w in ways}
+        starts: dict[str, list[float]] = {w: [] for w in ways}
         pool_trials: list[float] = []
         for round_ in range(args.repeats):
             for way in (ways if round_ % 2 == 0 else ways[::-1]):  # ABBA: drift in the load cancels
@@ -232,22 +237,25 @@ def main() -> None:
                 result = RUNNERS[way](configs, args.workers, tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
                 raw.append({"length": length, "way": way, "round": round_, "steps_per_epoch": steps[length], **result})
-                sums[way]["wall_s"] += result["wall_s"]
-                sums[way]["ray_start_s"] += result.get("ray_start_s", 0.0)
+                walls[way].append(result["wall_s"])
+                starts[way].append(result.get("ray_start_s", 0.0))
                 pool_trials += result.get("trial_s", []) if way == "pool" else []
-        pool = sums["pool"]["wall_s"]
+        pool = sum(walls["pool"])
         for way in ways:
-            wall, ray_start = sums[way]["wall_s"], sums[way]["ray_start_s"]
+            wall, ray_start = sum(walls[way]), sum(starts[way])
+            per_round = "/".join(f"{w / b:.2f}" for w, b in zip(walls[way], walls["pool"]))
             rows.append({"length": f"~{length:g} s", "way": way, "pool_trial_s": sum(pool_trials) / len(pool_trials),
                          "wall_s": wall / args.repeats, "ray_start_s": ray_start / args.repeats,
-                         "ratio": wall / pool, "ratio_with_start": (wall + ray_start) / pool})
+                         "ratio": wall / pool, "ratio_with_start": (wall + ray_start) / pool, "per_round": per_round})
     runs = mlflow_runs(work / "mlflow.db") if "ours" in ways else {}
     shutil.rmtree(work, ignore_errors=True)
-    print(table(rows, ["length", "way", "pool_trial_s", "wall_s", "ray_start_s", "ratio", "ratio_with_start"]))
+    print(table(rows, ["length", "way", "pool_trial_s", "wall_s", "ray_start_s", "ratio", "ratio_with_start",
+                       "per_round"]))
     if new_db_s is not None:
         print(f"(a) checks: {runs} MLflow runs; a new MLflow database took {new_db_s:.1f} s once "
               "(a CLI study overlaps it with Ray's start)")
-    path = write_json("tune_overhead", {"args": {k: str(v) for k, v in vars(args).items()}, "steps_per_epoch": steps,
+    name = "tune_overhead" + ("" if args.lengths == [7.0] else "_" + "_".join(f"{t:g}s" for t in args.lengths))
+    path = write_json(name, {"args": {k: str(v) for k, v in vars(args).items()}, "steps_per_epoch": steps,
                                         "new_mlflow_db_s": new_db_s, "mlflow_runs": runs, "rows": rows, "runs": raw})
     print(f"json: {path}")
     at7 = [r["ratio"] for r in rows if r["way"] == "ours" and r["length"] == "~7 s"]

@@ -98,6 +98,11 @@ def check_resources(cpus: float, gpus: float) -> None:
                 f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
 
 
+def trial_dirname(trial) -> str:
+    """Short trial folders: Tune's default spells out every sampled parameter and overflows paths."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
 def to_choices(space: dict) -> dict:
     """Optuna samples and cannot take Tune's grid: each grid becomes a choice over the same values."""
     return {key: tune.choice(value["grid_search"]) if is_grid(value)
@@ -133,9 +138,10 @@ def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: st
         name=name, storage_path=storage, callbacks=[MLflowCallback(tracker), KeepResultsOnRetry()], verbose=1,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+    # reuse_actors: a fresh worker per trial costs ~2 s of imports
     tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
                                   scheduler=scheduler, max_concurrent_trials=args.max_concurrent,
-                                  reuse_actors=True)  # a fresh worker per trial costs ~2 s of imports
+                                  reuse_actors=True, trial_dirname_creator=trial_dirname)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
