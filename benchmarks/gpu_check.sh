@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (about 5-8 minutes on one CUDA GPU): model throughput against torchvision with bf16
-# autocast on/off and channels_last on/off, the VOC loader against the U-Net on the GPU, then a 4-trial
-# --quick study with 0.25 GPU per trial (4 trials share the GPU). A summary table comes last.
+# The GPU check (about 4-6 minutes on one CUDA GPU; the timeouts cap it under 10): model throughput
+# against torchvision with bf16 autocast on/off and channels_last on/off, the VOC loader against the U-Net
+# on the GPU, then a 4-trial --quick study with 0.25 GPU per trial (4 trials share the GPU). A table last.
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root or anywhere; PY=... picks the Python
 set -euo pipefail
@@ -19,13 +19,13 @@ print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 EOF
 
 echo "== 1/3 model throughput (bf16 on/off x channels_last on/off)"
-timeout 300 "$PY" benchmarks/model_throughput.py --device cuda --amp both --channels-last both \
-    --batch-scale 8 --steps 5 --rounds 4 > "$TMP/models.txt"
+timeout 240 "$PY" benchmarks/model_throughput.py --device cuda --amp both --channels-last both \
+    --batch-scale 8 --steps 5 --rounds 8 > "$TMP/models.txt" 2>&1 || { tail -n 40 "$TMP/models.txt"; exit 1; }
 tail -n 40 "$TMP/models.txt"
 
 echo "== 2/3 VOC loader vs U-Net training steps on the GPU (256 px, batch 32)"
-timeout 180 "$PY" benchmarks/data_throughput.py --device cuda --batch-size 32 --images 192 --batches 4 \
-    --workers 0 1 2 4 > "$TMP/data.txt"
+timeout 120 "$PY" benchmarks/data_throughput.py --device cuda --batch-size 32 --images 192 --batches 4 \
+    --workers 0 1 2 4 > "$TMP/data.txt" 2>&1 || { tail -n 40 "$TMP/data.txt"; exit 1; }
 tail -n 12 "$TMP/data.txt"
 
 echo "== 3/3 seg_concat --quick, 2 variants x 2 samples = 4 trials at 0.25 GPU each"
@@ -34,7 +34,7 @@ echo "== 3/3 seg_concat --quick, 2 variants x 2 samples = 4 trials at 0.25 GPU e
     || true; sleep 1; done ) &
 SAMPLER=$!
 trap 'kill $SAMPLER 2>/dev/null || true' EXIT
-timeout 300 "$PY" studies/seg_concat.py --quick --num-samples 2 --gpus-per-trial 0.25 \
+timeout 210 "$PY" studies/seg_concat.py --quick --num-samples 2 --gpus-per-trial 0.25 \
     --storage "$TMP/results" --mlflow-uri "sqlite:///$TMP/mlflow.db" > "$TMP/study.txt" 2>&1 \
     || { tail -n 60 "$TMP/study.txt"; exit 1; }
 kill $SAMPLER 2>/dev/null || true
