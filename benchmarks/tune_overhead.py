@@ -9,9 +9,10 @@ artifacts), each calibrated to about T seconds of training, run four ways with t
               torch to 1 intra-op thread (per process, so P threads use P cores)
   (d) plain:  a Tuner with Tune's defaults (a fresh worker per trial, every checkpoint kept, no MLflow)
 Every wall time is divided by (b)'s from the same round; rounds alternate the order (ABBA). (a) and (d)
-run in a fresh Python process each (imports done before timing, as for (b) and (c)); Ray's start
-(ray.init + ray.shutdown) is timed apart. (a) logs into an MLflow database that already exists, as after a
-first study; creating a new one (MLflow's schema migrations, once per database) is timed apart.
+run in a fresh Python process each (imports done before timing, as for (b) and (c)). Ray's start
+(ray.init + ray.shutdown) is timed apart: for (d) around the Tuner, for (a) inside run_study, which starts
+Ray itself as in a CLI run (its MLflow set-up overlaps that start). (a) logs into an MLflow database that
+already exists, as after a first study; creating a new one (schema migrations, once) is timed apart.
 Ray runs its workers at niceness 15; the pool's workers and Optuna's trial threads get the same (--nice),
 so that on a shared machine other users' load slows every way alike.
 
@@ -150,34 +151,50 @@ def child(way: str, workers: int, tmp: Path) -> dict:
     import ray
     from ray import tune
 
+    from studies import runner
     from studies.runner import run_study
     from trainables import VAEConfig, train_vae
 
     configs = json.loads((tmp / "configs.json").read_text())
     seeds = tune.grid_search([c["seed"] for c in configs])
-    start = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
-    ray_start = time.perf_counter() - start
-    start = time.perf_counter()
-    if way == "ours":
+    if way == "ours":  # as the CLI runs: run_study starts and stops Ray itself; those two calls are timed apart
+        spent = [0.0]
+        runner._start_ray, ray.shutdown = _timed(runner._start_ray, spent), _timed(ray.shutdown, spent)
         argv = ["--storage", str(tmp / "storage"), "--mlflow-uri", f"sqlite:///{tmp.parent}/mlflow.db",
                 "--cpus-per-trial", "1", "--max-concurrent", str(workers)]
+        start = time.perf_counter()
         summary = run_study(STUDY, VAEConfig.from_dict(configs[0]), {"seed": seeds}, metric="val/loss", mode="min",
                             argv=argv)
+        wall, ray_start = time.perf_counter() - start - spent[0], spent[0]
         result = {"trials_ok": int((summary["status"] == "OK").sum())}
     else:
+        start = time.perf_counter()
+        ray.init(num_cpus=workers, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+        ray_start = time.perf_counter() - start
+        start = time.perf_counter()
         tuner = tune.Tuner(tune.with_resources(train_vae, {"cpu": 1}), param_space={**configs[0], "seed": seeds},
                            tune_config=tune.TuneConfig(metric="val/loss", mode="min"),
                            run_config=tune.RunConfig(name="bench_plain", storage_path=str(tmp / "storage")))
         result = {"trials_ok": sum(not r.error for r in tuner.fit())}
-    wall = time.perf_counter() - start
-    stop = time.perf_counter()
-    ray.shutdown()
-    ray_start += time.perf_counter() - stop
+        wall = time.perf_counter() - start
+        stop = time.perf_counter()
+        ray.shutdown()
+        ray_start += time.perf_counter() - stop
     kept = sorted((tmp / "storage").glob("*/*/checkpoint_*"))
     size = sum(f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file())
     return {"wall_s": wall, "ray_start_s": ray_start, **result, "checkpoints_kept": len(kept),
             "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2)}
+
+
+def _timed(function, spent: list[float]):
+    """``function`` that adds the seconds each call takes to ``spent[0]``."""
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+    return timed
 
 
 def new_mlflow_db(path: Path) -> float:
@@ -190,11 +207,14 @@ def new_mlflow_db(path: Path) -> float:
 
 
 def mlflow_runs(path: Path) -> dict:
-    """Runs of the benchmark's experiment by status, read with sqlite3 (this process never imports MLflow)."""
+    """(a)'s MLflow runs by status and val/loss epochs per run, read with sqlite3 (no MLflow import here)."""
+    join = "FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id WHERE e.name = ?"
     with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT r.status, COUNT(*) FROM runs r JOIN experiments e ON r.experiment_id = "
-                          "e.experiment_id WHERE e.name = ? GROUP BY r.status", (STUDY,)).fetchall()
-    return dict(rows)
+        runs = dict(db.execute(f"SELECT r.status, COUNT(*) {join} GROUP BY r.status", (STUDY,)).fetchall())
+        epochs = db.execute(f"SELECT COUNT(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
+                            f"JOIN experiments e ON r.experiment_id = e.experiment_id "
+                            f"WHERE e.name = ? AND m.key = 'val/loss'", (STUDY,)).fetchone()[0]
+    return {**runs, "val_loss_epochs_per_run": epochs / max(sum(runs.values()), 1)}
 
 
 RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna, "plain": run_in_child("plain")}
