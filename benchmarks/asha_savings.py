@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vt-asha-"))
-    studies = {scheduler: run(scheduler, args, tmp) for scheduler in ("asha", "fifo")}
+    try:  # checkpoints and MLflow artifacts of 16 U-Net trials take gigabytes: keep only the figures
+        studies = {scheduler: run(scheduler, args, tmp) for scheduler in ("asha", "fifo")}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     asha, fifo = studies["asha"], studies["fifo"]
     same_configs = sorted(map(str, (t["config"] for t in asha["trials"]))) == sorted(
         map(str, (t["config"] for t in fifo["trials"])))

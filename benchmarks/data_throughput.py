@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -135,6 +136,7 @@ def main() -> None:
         per_worker = rate / max(workers, 1)
         rows.append({"data": name, "workers": workers, "img_s": rate, "img_s_per_worker": per_worker,
                      "unet_img_s": train, "loader_over_unet": rate / train})
+    shutil.rmtree(root, ignore_errors=True)
     print(table(rows))
     one_worker = rates.get(("voc 500x375", 1)) or rates[("voc 500x375", max(args.workers))] / max(max(args.workers), 1)
     needed = max(1, math.ceil(train / one_worker))

@@ -1,27 +1,34 @@
 """What does a study through our runner cost over the same training in a plain process pool?
 
-N trials of the VAE on embedded mnist5k (our trainable: 4 epochs, a checkpoint per epoch, end-of-trial
-artifacts), each calibrated to about T seconds of training, run four ways with the same parallelism P:
+N trials of the VAE on embedded mnist5k (our trainable: 4+ epochs, a checkpoint per epoch, end-of-trial
+artifacts), each calibrated to about T seconds of training, run four ways (five with --ways ... reuse) with
+the same parallelism P:
   (a) ours:   run_study (Ray Tune, reuse_actors, MLflow on sqlite, CheckpointConfig(num_to_keep=2))
   (b) pool:   ProcessPoolExecutor(P) (spawn: workers import torch, as Ray's do) calling run_trial with
               a LocalSession (checkpoints copied to a folder) -- the limit
   (c) optuna: study.optimize(n_jobs=P), which runs trials in *threads* of one process; run_trial sets
               torch to 1 intra-op thread (per process, so P threads use P cores)
   (d) plain:  a Tuner with Tune's defaults (a fresh worker per trial, every checkpoint kept, no MLflow)
-Every wall time is divided by (b)'s from the same round; rounds alternate the order (ABBA). (a) and (d)
+  (e) reuse:  (d) with reuse_actors=True and CheckpointConfig(num_to_keep=2), no MLflow: Ray Tune's own
+              floor, so that (a) - (e) is what our runner itself adds (MLflow, callbacks, checks, table)
+Every wall time is divided by (b)'s from the same round; rounds alternate the order (ABBA). (a), (d) and (e)
 run in a fresh Python process each (imports done before timing, as for (b) and (c)). Ray's start
-(ray.init + ray.shutdown) is timed apart: for (d) around the Tuner, for (a) inside run_study, which starts
+(ray.init + ray.shutdown) is timed apart: for (d) and (e) around the Tuner, for (a) inside run_study, which starts
 Ray itself as in a CLI run (its MLflow set-up overlaps that start). (a) logs into an MLflow database that
 already exists, as after a first study; creating a new one (schema migrations, once) is timed apart.
 Ray runs its workers at niceness 15; the pool's workers and Optuna's trial threads get the same (--nice),
 so that on a shared machine other users' load slows every way alike.
 
-    python benchmarks/tune_overhead.py                  # 8 trials of ~7 s, 2 rounds (ABBA): ~6 min on 2 cores
-    python benchmarks/tune_overhead.py --lengths 2 --repeats 2 && python benchmarks/tune_overhead.py --lengths 30 --trials 4
+    python benchmarks/tune_overhead.py                       # 8 trials of ~7 s, 2 rounds (ABBA): ~6.5 min on 2 cores
+    python benchmarks/tune_overhead.py --lengths 2           # ~3.5 min
+    python benchmarks/tune_overhead.py --lengths 30 --repeats 1   # ~10 min: 8 trials of 10 epochs
+    python benchmarks/tune_overhead.py --ways pool ours reuse --repeats 4   # ours vs Ray Tune's own floor
 
-Defaults measure ~7-s trials only, in two rounds, to stay under 10 minutes on 2 shared cores; the ~2-s and
-~30-s figures come from the flags above. A round's ratios swing by 10-30% when other jobs share the
-machine; the per-round column shows the spread.
+Defaults measure ~7-s trials only, in two rounds, to stay under 10 minutes on 2 cores (8 trials x 3 lengths
+x 4 ways is over 10 minutes of training alone); the ~2-s and ~30-s figures come from the flags above.
+Trials longer than one pass over mnist5k per epoch get more epochs (a report and a checkpoint each), not
+longer epochs. A round's ratio swings by +-5% even on an idle machine (more when other jobs share it); the
+per-round column shows the spread, so compare ways within a run.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -42,16 +50,18 @@ from pathlib import Path
 
 from common import ROOT, table, write_json
 
-WAYS = ("pool", "ours", "optuna", "plain")  # (b) first: every ratio divides by it
+WAYS = ("pool", "ours", "optuna", "plain", "reuse")  # (b) first: every ratio divides by it
+DEFAULT_WAYS = WAYS[:4]  # the issue's four; reuse (the floor of Ray Tune itself) on request
 NICE = 15  # Ray's default worker niceness (RAY_worker_niceness); --nice changes it for pool and Optuna
 STUDY = "bench_ours"
+BATCH = 64
 
 
 def vae_config(root: str, steps: int, epochs: int, seed: int = 0) -> dict:
     """The trial: a small fixed VAE workload; only the seed differs between trials."""
     from trainables import VAEConfig
 
-    return VAEConfig(dataset="mnist5k", image_size=28, batch_size=64, epochs=epochs, steps_per_epoch=steps,
+    return VAEConfig(dataset="mnist5k", image_size=28, batch_size=BATCH, epochs=epochs, steps_per_epoch=steps,
                      val_samples=128, feature_samples=64, seed=seed, data_root=root).to_dict()
 
 
@@ -72,9 +82,10 @@ def _calibration_runs(root: str, epochs: int, out_dir: str) -> tuple[float, floa
     return fixed, local_trial(vae_config(root, 12, epochs), f"{out_dir}/l")[0]
 
 
-def calibrate(root: str, epochs: int, lengths: list[float], workers: int) -> dict[float, int]:
-    """steps_per_epoch per target length, timed in a pool of ``workers`` running side by side (as the trials
-    will, so that sharing the cores is part of the per-step time)."""
+def calibrate(root: str, epochs: int, lengths: list[float], workers: int) -> dict[float, tuple[int, int]]:
+    """(steps_per_epoch, epochs) per target length, timed in a pool of ``workers`` running side by side (as the
+    trials will, so that sharing the cores is part of the per-step time). An epoch is at most one pass over
+    mnist5k's 4,000 training digits (62 batches), so long trials get more epochs rather than longer ones."""
     tmp = tempfile.mkdtemp(prefix="vt-cal-")
     with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=_lower_priority, initargs=(NICE,)) as pool:
@@ -85,7 +96,15 @@ def calibrate(root: str, epochs: int, lengths: list[float], workers: int) -> dic
     per_step = max(sum(long - f for f, long in runs) / workers / (11 * epochs), 1e-4)
     logging.info("calibration (%d side by side): fixed %.2f s per trial, %.1f ms per step", workers, fixed,
                  per_step * 1e3)
-    return {t: max(1, round((t - fixed) / (epochs * per_step)) + 1) for t in lengths}
+    from trainables.data import build_dataset
+
+    one_pass = len(build_dataset("mnist5k", "train", root, 28)) // BATCH
+    plan = {}
+    for length in lengths:
+        total = max(1.0, (length - fixed) / per_step)  # training steps in the whole trial
+        trial_epochs = max(epochs, math.ceil(total / one_pass))
+        plan[length] = (max(1, round(total / trial_epochs)), trial_epochs)
+    return plan
 
 
 def _lower_priority(nice: int) -> None:
@@ -134,7 +153,7 @@ def run_optuna(configs: list[dict], workers: int, tmp: Path) -> dict:
 
 
 def run_in_child(way: str):
-    """(a) and (d) in a fresh Python process each, so every round pays the same imports and Ray state."""
+    """(a), (d) and (e) in a fresh Python process each, so every round pays the same imports and Ray state."""
     def run(configs: list[dict], workers: int, tmp: Path) -> dict:
         (tmp / "configs.json").write_text(json.dumps(configs))
         command = [sys.executable, __file__, "--child", way, "--workers", str(workers), "--tmp", str(tmp)]
@@ -147,7 +166,7 @@ def run_in_child(way: str):
 
 
 def child(way: str, workers: int, tmp: Path) -> dict:
-    """The body of (a) or (d) in this fresh process: imports first, then Ray's start, the study, Ray's stop."""
+    """The body of (a), (d) or (e) in this fresh process: imports first, then Ray's start, the study, Ray's stop."""
     import ray
     from ray import tune
 
@@ -172,9 +191,11 @@ def child(way: str, workers: int, tmp: Path) -> dict:
         ray.init(num_cpus=workers, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
         ray_start = time.perf_counter() - start
         start = time.perf_counter()
+        reuse = way == "reuse"
         tuner = tune.Tuner(tune.with_resources(train_vae, {"cpu": 1}), param_space={**configs[0], "seed": seeds},
-                           tune_config=tune.TuneConfig(metric="val/loss", mode="min"),
-                           run_config=tune.RunConfig(name="bench_plain", storage_path=str(tmp / "storage")))
+                           tune_config=tune.TuneConfig(metric="val/loss", mode="min", reuse_actors=reuse),
+                           run_config=tune.RunConfig(name=f"bench_{way}", storage_path=str(tmp / "storage"),
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if reuse else None)))
         result = {"trials_ok": sum(not r.error for r in tuner.fit())}
         wall = time.perf_counter() - start
         stop = time.perf_counter()
@@ -217,7 +238,8 @@ def mlflow_runs(path: Path) -> dict:
     return {**runs, "val_loss_epochs_per_run": epochs / max(sum(runs.values()), 1)}
 
 
-RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna, "plain": run_in_child("plain")}
+RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna, "plain": run_in_child("plain"),
+           "reuse": run_in_child("reuse")}
 
 
 def main() -> None:
@@ -226,11 +248,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=float, nargs="+", default=[7.0], help="seconds of training per trial")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="trials at once (pool workers, Optuna n_jobs, CPUs)")
-    parser.add_argument("--epochs", type=int, default=4, help="reports and checkpoints per trial")
+    parser.add_argument("--epochs", type=int, default=4, help="reports and checkpoints per trial (at least)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds per length; odd rounds run in reverse order")
-    parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
+    parser.add_argument("--ways", nargs="+", default=list(DEFAULT_WAYS), choices=WAYS)
     parser.add_argument("--nice", type=int, default=NICE, help="niceness of pool workers and Optuna threads")
-    parser.add_argument("--child", choices=("ours", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("ours", "plain", "reuse"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -242,11 +264,12 @@ def main() -> None:
     ways = ["pool", *[w for w in args.ways if w != "pool"]]
     work = Path(tempfile.mkdtemp(prefix="vt-overhead-"))
     root = str(work / "data")
-    steps = calibrate(root, args.epochs, args.lengths, args.workers)
+    plan = calibrate(root, args.epochs, args.lengths, args.workers)
     new_db_s = new_mlflow_db(work / "mlflow.db") if "ours" in ways else None
     rows, raw = [], []
     for length in args.lengths:
-        configs = [vae_config(root, steps[length], args.epochs, seed) for seed in range(args.trials)]
+        steps, epochs = plan[length]
+        configs = [vae_config(root, steps, epochs, seed) for seed in range(args.trials)]
         walls: dict[str, list[float]] = {w: [] for w in ways}
         starts: dict[str, list[float]] = {w: [] for w in ways}
         pool_trials: list[float] = []
@@ -256,7 +279,8 @@ def main() -> None:
                 logging.info("%s, %d trials of ~%g s, round %d", way, args.trials, length, round_ + 1)
                 result = RUNNERS[way](configs, args.workers, tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
-                raw.append({"length": length, "way": way, "round": round_, "steps_per_epoch": steps[length], **result})
+                raw.append({"length": length, "way": way, "round": round_, "steps_per_epoch": steps, "epochs": epochs,
+                            **result})
                 walls[way].append(result["wall_s"])
                 starts[way].append(result.get("ray_start_s", 0.0))
                 pool_trials += result.get("trial_s", []) if way == "pool" else []
@@ -264,18 +288,18 @@ def main() -> None:
         for way in ways:
             wall, ray_start = sum(walls[way]), sum(starts[way])
             per_round = "/".join(f"{w / b:.2f}" for w, b in zip(walls[way], walls["pool"]))
-            rows.append({"length": f"~{length:g} s", "way": way, "pool_trial_s": sum(pool_trials) / len(pool_trials),
+            rows.append({"length": f"~{length:g} s", "epochs": epochs, "way": way, "pool_trial_s": sum(pool_trials) / len(pool_trials),
                          "wall_s": wall / args.repeats, "ray_start_s": ray_start / args.repeats,
                          "ratio": wall / pool, "ratio_with_start": (wall + ray_start) / pool, "per_round": per_round})
     runs = mlflow_runs(work / "mlflow.db") if "ours" in ways else {}
     shutil.rmtree(work, ignore_errors=True)
-    print(table(rows, ["length", "way", "pool_trial_s", "wall_s", "ray_start_s", "ratio", "ratio_with_start",
+    print(table(rows, ["length", "epochs", "way", "pool_trial_s", "wall_s", "ray_start_s", "ratio", "ratio_with_start",
                        "per_round"]))
     if new_db_s is not None:
         print(f"(a) checks: {runs} MLflow runs; a new MLflow database took {new_db_s:.1f} s once "
               "(a CLI study overlaps it with Ray's start)")
     name = "tune_overhead" + ("" if args.lengths == [7.0] else "_" + "_".join(f"{t:g}s" for t in args.lengths))
-    path = write_json(name, {"args": {k: str(v) for k, v in vars(args).items()}, "steps_per_epoch": steps,
+    path = write_json(name, {"args": {k: str(v) for k, v in vars(args).items()}, "steps_and_epochs": plan,
                                         "new_mlflow_db_s": new_db_s, "mlflow_runs": runs, "rows": rows, "runs": raw})
     print(f"json: {path}")
     at7 = [r["ratio"] for r in rows if r["way"] == "ours" and r["length"] == "~7 s"]
