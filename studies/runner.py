@@ -19,8 +19,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from studies.cli import apply_args, build_parser
-from studies.space import check_data, check_space, grid_size, is_grid, merge_space
-from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
+from studies.space import check_data, check_space, grid_size, is_grid, largest_state, merge_space
+from studies.tracking import StudyTracker, check_reachable, flatten, local_artifact_root, resolve_uri
 from trainables import TrainConfig, trainable_for
 
 log = logging.getLogger("vision_tune")
@@ -28,6 +28,13 @@ SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/
                 "val/recon", "val/kl", "val/elbo", "epoch")
 # `ray up` leaves the cluster's config here on the head, where studies run; Tune looks for the same file
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+KEEP_CHECKPOINTS = 2  # per trial: the newest two, so a crash while writing one leaves the other
+
+
+class StorageError(RuntimeError):
+    """The study's checkpoints cannot fit on the disk they would be written to."""
 
 
 class ResourceError(RuntimeError):
@@ -98,6 +105,43 @@ def check_resources(cpus: float, gpus: float) -> None:
                 f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
 
 
+def _free_space(path: Path) -> tuple[int, int]:
+    """(free bytes, device id) of the file system that holds ``path`` or would hold it once created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free, path.stat().st_dev
+
+
+def check_disk(state: int, trials: int, storage: str, uri: str) -> None:
+    """Fail before Ray starts when the checkpoints cannot fit, rather than trials dying mid-epoch with
+    "No space left on device" (torch.save then reports a corrupt zip): each trial keeps KEEP_CHECKPOINTS
+    states of ``state`` bytes under --storage, and a local MLflow store holds a copy of its last one."""
+    needs = [("--storage", Path(storage), trials * KEEP_CHECKPOINTS * state)] if "://" not in storage else []
+    artifacts = local_artifact_root(uri)
+    if artifacts is not None:
+        needs.append(("--mlflow-uri's artifacts", artifacts, trials * state))
+    by_disk: dict[int, list] = {}
+    for what, path, size in needs:
+        free, device = _free_space(path.expanduser().resolve())
+        by_disk.setdefault(device, [free, []])[1].append((what, path, size))
+    for free, users in by_disk.values():
+        needed = sum(size for _, _, size in users)
+        if needed > free:
+            parts = " + ".join(f"{what} {path} {size / 2**30:.2f} GiB" for what, path, size in users)
+            raise StorageError(
+                f"not enough disk for this study's checkpoints: {trials} trial(s) with checkpoints of up to "
+                f"{state / 2**20:.0f} MiB need {needed / 2**30:.2f} GiB ({parts}) but only "
+                f"{free / 2**30:.2f} GiB is free there. Free space, point --storage (or --mlflow-uri) at a larger "
+                "disk, or run fewer trials.")
+
+
+def trial_count(args, space: dict, default_samples: int | None) -> int:
+    """How many trials the study will run: the grid times --num-samples, or Optuna's sample count."""
+    if args.search == "optuna":
+        return args.num_samples or default_samples or grid_size(space)
+    return grid_size(space) * (args.num_samples or 1)
+
+
 def trial_dirname(trial) -> str:
     """Short trial folders: Tune's default spells out every sampled parameter and overflows paths."""
     return f"{trial.trainable_name}_{trial.trial_id}"
@@ -129,7 +173,7 @@ def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: st
     if args.search == "optuna":
         param_space = to_choices(param_space)
         search_alg = OptunaSearch(seed=base.seed)
-        samples = args.num_samples or default_samples or grid_size(space)
+        samples = trial_count(args, space, default_samples)
     scheduler = None
     if args.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
@@ -137,7 +181,7 @@ def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: st
     run_config = tune.RunConfig(
         name=name, storage_path=storage, callbacks=[MLflowCallback(tracker), KeepResultsOnRetry()], verbose=1,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
     # reuse_actors: a fresh worker per trial costs ~2 s of imports
     tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
                                   scheduler=scheduler, max_concurrent_trials=args.max_concurrent,
@@ -190,6 +234,8 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
                                   "--overwrite to start over, or another --storage")
         shutil.rmtree(study_dir)
     check_data(base)
+    if not args.resume:
+        check_disk(largest_state(base, space), trial_count(args, space, num_samples), storage, uri)
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from trainables import ConfigError, OptimConfig, TrainConfig
 from trainables.data import build_dataset
+from trainables.tune_io import state_bytes
 
 MAX_CHECKED = 512  # candidate configs built in the check; larger products are checked on a stride
 
@@ -93,6 +94,19 @@ def check_space(base: TrainConfig, space: dict) -> None:
         except ConfigError as err:
             varied = {key: values[key] for key in space}
             raise ConfigError(f"search space {varied}: {err}") from None
+
+
+def largest_state(base: TrainConfig, space: dict) -> int:
+    """Bytes of the largest checkpoint any candidate config would write (each distinct model and optimizer
+    kind measured once, on the meta device)."""
+    sizes: dict[tuple, int] = {}
+    for values in variants(base, space):
+        config = type(base).from_dict(values)
+        key = (config.model, repr(sorted(config.model_kwargs().items())), config.optim.name,
+               config.optim.momentum > 0)
+        if key not in sizes:
+            sizes[key] = state_bytes(config)
+    return max(sizes.values())
 
 
 def check_data(config: TrainConfig) -> None:

@@ -10,6 +10,7 @@ import math
 import os
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +26,18 @@ def resolve_uri(uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
     return uri
+
+
+def local_artifact_root(uri: str) -> Path | None:
+    """Where a new experiment's artifacts go on this machine: beside a sqlite database (not in whatever the
+    cwd is), or inside a file store; None for a tracking server, which stores them itself."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+    if uri.startswith("file:"):
+        return Path(urllib.parse.urlparse(uri).path)
+    if "://" not in uri and ":" not in uri.split("/")[0]:
+        return Path(uri).expanduser().resolve()
+    return None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -112,9 +125,8 @@ class StudyTracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found:
             return found.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever the cwd is
-            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / self.experiment).as_uri()
+        root = local_artifact_root(self.uri) if self.uri.startswith("sqlite:///") else None
+        location = (root / self.experiment).as_uri() if root else None
         return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def start(self, trial_id: str, trial_name: str, config: dict) -> str:

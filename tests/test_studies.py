@@ -84,6 +84,16 @@ def test_study_runs_end_to_end_with_quick(script, tmp_path, study_env):
         assert "checkpoint/state.pt" in artifacts
 
 
+def recorded_finished(storage) -> list[str]:
+    """Trial folders that Tune's newest experiment snapshot on storage records as TERMINATED."""
+    snapshots = sorted(storage.glob("experiment_state-*.json"))
+    try:
+        trials = [json.loads(state) for state, _ in json.loads(snapshots[-1].read_text())["trial_data"]]
+    except (IndexError, ValueError, OSError):  # none yet, or caught mid-write
+        return []
+    return [t["relative_logdir"] for t in trials if t["status"] == "TERMINATED"]
+
+
 def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
     storage = tmp_path / "results" / "vae_latent"
     args = ["--quick", "--storage", str(tmp_path / "results"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -91,15 +101,17 @@ def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
     driver = subprocess.Popen(study_command("vae_latent", *args), cwd=tmp_path, env=study_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(storage.glob("*/checkpoint_000001/artifacts/meta.json"))) < 2:
-        time.sleep(0.5)
+    while time.time() < deadline and len(recorded_finished(storage)) < 2 and driver.poll() is None:
+        time.sleep(0.1)
     import os
     import signal
 
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
     driver.wait()
-    finished = {p.parent.parent.parent.name: p.stat().st_mtime
-                for p in storage.glob("*/checkpoint_000001/artifacts/meta.json")}
+    # finished = what Tune's experiment snapshot records as TERMINATED; a trial that ended after the last
+    # snapshot is redone from its last recorded checkpoint (its results are the same, none is lost)
+    finished = {name: (storage / name / "checkpoint_000001" / "artifacts" / "meta.json").stat().st_mtime
+                for name in recorded_finished(storage)}
     assert 2 <= len(finished) < 6, "the study must be interrupted with trials finished and trials to go"
     time.sleep(2)
     done = subprocess.run(study_command("vae_latent", *args, "--resume"), cwd=tmp_path, env=study_env,
@@ -126,6 +138,14 @@ def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env
     assert "--gpus-per-trial 4" in done.stderr and "GPU" in done.stderr
     assert time.time() - start < 90
     assert not list((tmp_path / "results").glob("seg_concat/*/result.json"))  # no trial started
+
+
+def test_a_study_whose_checkpoints_cannot_fit_fails_before_ray_starts(tmp_path, study_env):
+    # 3 optimizers x 10^5 samples x 2 kept checkpoints of SegNet (up to 338 MiB with Adam): no disk holds it
+    done = run_script("segnet_optimizers", tmp_path, study_env, "--num-samples", "100000", timeout=120)
+    assert done.returncode != 0
+    assert "not enough disk" in done.stderr and "--storage" in done.stderr and "338 MiB" in done.stderr
+    assert not (tmp_path / "results" / "segnet_optimizers").exists()
 
 
 def test_study_files_are_written_to_uri_storage_as_to_local_folders(tmp_path):

@@ -14,7 +14,7 @@ from trainables import classify, segment, vae
 from trainables.data import build_dataset, class_frequencies
 from trainables.loop import Hardware, NonFiniteLossError
 from trainables.losses import class_weight_vector, segmentation_loss, vae_loss
-from trainables.tune_io import LocalSession, run_trial
+from trainables.tune_io import LocalSession, run_trial, state_bytes
 
 LABEL_KEYS = {"train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou", "epoch",
               "images_per_s"}
@@ -46,6 +46,8 @@ def test_direct_run_reports_every_key_and_writes_artifacts(task_name, data_root,
     for result in results:
         assert expected <= set(result), expected - set(result)
         assert all(math.isfinite(result[k]) for k in expected)
+    state = (tmp_path / "checkpoint_000002" / "state.pt").stat().st_size
+    assert abs(state_bytes(config) - state) < 0.02 * state + 2**16  # the disk check's estimate of this file
     artifacts = tmp_path / "checkpoint_000002" / "artifacts"
     features = dict(__import__("numpy").load(artifacts / "features.npz"))
     assert features["labels"].shape == (config.feature_samples,)

@@ -104,6 +104,23 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+def state_bytes(config) -> int:
+    """About what ``save_state`` writes for ``config``, without building anything real: the model on the
+    meta device (no memory, well under a second) gives the weights and buffers; SGD with momentum keeps one
+    more copy of the weights, Adam two. The disk check before a study multiplies this."""
+    from vision_models import build_model
+
+    kwargs = config.model_kwargs()
+    if kwargs.get("pretrained"):
+        kwargs["pretrained"] = False  # the same shapes; nothing to read on the meta device
+    with torch.device("meta"):
+        model = build_model(config.model, **kwargs)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    slots = 2 if config.optim.name == "adam" else int(config.optim.momentum > 0)
+    return (1 + slots) * weights + buffers
+
+
 def save_state(folder: Path, model, optimizer, scheduler, epoch: int) -> None:
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": _rng_state()},
