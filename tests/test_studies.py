@@ -148,6 +148,22 @@ def test_a_study_whose_checkpoints_cannot_fit_fails_before_ray_starts(tmp_path, 
     assert not (tmp_path / "results" / "segnet_optimizers").exists()
 
 
+def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(tmp_path):
+    import shutil
+
+    from studies.runner import KEEP_CHECKPOINTS, StorageError, check_disk
+
+    free = shutil.disk_usage(tmp_path).free
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    state = int(free / (KEEP_CHECKPOINTS + 0.5))  # the kept checkpoints fit (0.8x free), with MLflow's not (1.2x)
+    check_disk(state, 1, "s3://bucket/results", uri)  # MLflow's copies alone fit
+    check_disk(state, 1, str(tmp_path / "results"), "http://127.0.0.1:5000")  # Tune's checkpoints alone fit
+    with pytest.raises(StorageError, match=r"--storage .*results.* \+ --mlflow-uri's artifacts .*mlartifacts"):
+        check_disk(state, 1, str(tmp_path / "results"), uri)  # both on one disk do not
+    check_disk(10 * free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
+    check_disk(free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
+
+
 def test_study_files_are_written_to_uri_storage_as_to_local_folders(tmp_path):
     from studies.runner import write_file
 
