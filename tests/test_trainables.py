@@ -68,6 +68,18 @@ def test_direct_run_reports_every_key_and_writes_artifacts(task_name, data_root,
         assert matrix.sum() == labelled
 
 
+def test_a_full_disk_while_checkpointing_is_named(tmp_path):
+    from torch import nn
+
+    from trainables.tune_io import STATE_FILE, save_state
+
+    model = nn.Linear(512, 512)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / STATE_FILE).symlink_to("/dev/full")  # the kernel's always-full device: writes fail with ENOSPC
+    with pytest.raises(OSError, match=r"no space left on device writing the checkpoint .*state.pt .*TMPDIR"):
+        save_state(tmp_path, model, optimizer, None, epoch=1)
+
+
 class _StopAfter(LocalSession):
     """A session whose process 'dies' right after the checkpoint of epoch ``stop``."""
 

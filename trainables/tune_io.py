@@ -5,6 +5,7 @@ directly (tests, notebooks) it writes the same checkpoints into a local folder i
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -122,9 +123,22 @@ def state_bytes(config) -> int:
 
 
 def save_state(folder: Path, model, optimizer, scheduler, epoch: int) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": _rng_state()},
-               folder / STATE_FILE)
+    """Write the checkpoint's state file; a full disk is named as such (given a path, torch.save reports it
+    as "enforce fail at inline_container.cc ... unexpected pos"; given a file, the OS error comes through)."""
+    path = Path(folder) / STATE_FILE
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": _rng_state()}
+    try:
+        with open(path, "wb") as file:
+            torch.save(state, file)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(errno.ENOSPC, f"no space left on device writing the checkpoint {path} ({free / 2**20:.0f} MiB "
+                      f"free there). Trials stage checkpoints in the temporary folder ({tempfile.gettempdir()}) "
+                      "before Tune copies them to --storage: free space there, or set TMPDIR to a larger disk"
+                      ) from None
 
 
 def load_state(folder: str | Path, model, optimizer, scheduler) -> int:
