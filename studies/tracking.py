@@ -35,7 +35,7 @@ def local_artifact_root(uri: str) -> Path | None:
         return Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
     if uri.startswith("file:"):
         return Path(urllib.parse.urlparse(uri).path)
-    if "://" not in uri and ":" not in uri.split("/")[0]:
+    if "://" not in uri and uri != "databricks":  # a bare folder is a file store too
         return Path(uri).expanduser().resolve()
     return None
 

@@ -152,6 +152,7 @@ def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(t
     import shutil
 
     from studies.runner import KEEP_CHECKPOINTS, StorageError, check_disk
+    from studies.tracking import local_artifact_root
 
     free = shutil.disk_usage(tmp_path).free
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -161,6 +162,9 @@ def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(t
     with pytest.raises(StorageError, match=r"--storage .*results.* \+ --mlflow-uri's artifacts .*mlartifacts"):
         check_disk(state, 1, str(tmp_path / "results"), uri)  # both on one disk do not
     check_disk(10 * free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
+    assert local_artifact_root(uri) == tmp_path / "mlartifacts"
+    assert local_artifact_root((tmp_path / "mlruns").as_uri()) == local_artifact_root(str(tmp_path / "mlruns"))
+    assert local_artifact_root("databricks") is None
     check_disk(free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
 
 
