@@ -194,8 +194,10 @@ def child(way: str, workers: int, tmp: Path) -> dict:
         reuse = way == "reuse"
         tuner = tune.Tuner(tune.with_resources(train_vae, {"cpu": 1}), param_space={**configs[0], "seed": seeds},
                            tune_config=tune.TuneConfig(metric="val/loss", mode="min", reuse_actors=reuse),
-                           run_config=tune.RunConfig(name=f"bench_{way}", storage_path=str(tmp / "storage"),
-                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if reuse else None)))
+                           run_config=tune.RunConfig(
+                               name=f"bench_{way}", storage_path=str(tmp / "storage"),
+                               checkpoint_config=tune.CheckpointConfig(
+                                   num_to_keep=runner.KEEP_CHECKPOINTS if reuse else None)))
         result = {"trials_ok": sum(not r.error for r in tuner.fit())}
         wall = time.perf_counter() - start
         stop = time.perf_counter()
