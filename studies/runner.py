@@ -13,34 +13,20 @@ from pathlib import Path
 
 import pandas as pd
 import ray
-import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from studies.cli import apply_args, build_parser
-from studies.space import check_data, check_space, grid_size, is_grid, largest_state, merge_space
-from studies.tracking import StudyTracker, check_reachable, flatten, local_artifact_root, resolve_uri
+from studies.preflight import (KEEP_CHECKPOINTS, ResourceError, StorageError, check_data, check_disk,  # noqa: F401
+                               check_resources, trial_count)
+from studies.space import check_space, is_grid, largest_state, merge_space
+from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
 from trainables import TrainConfig, trainable_for
 
 log = logging.getLogger("vision_tune")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
                 "val/recon", "val/kl", "val/elbo", "epoch")
-# `ray up` leaves the cluster's config here on the head, where studies run; Tune looks for the same file
-AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
-
-
-KEEP_CHECKPOINTS = 2  # per trial: the newest two, so a crash while writing one leaves the other
-
-
-class StorageError(RuntimeError):
-    """The study's checkpoints cannot fit on the disk they would be written to."""
-
-
-class ResourceError(RuntimeError):
-    """The per-trial request can never be met by this cluster (Tune would leave trials PENDING forever)."""
-
-
 class MLflowCallback(tune.Callback):
     """Runs on the driver: one MLflow run per trial (see ``studies/tracking.py``)."""
 
@@ -78,68 +64,6 @@ class KeepResultsOnRetry(tune.Callback):
         if local.is_file():
             fs.copy_files(str(local), f"{trial.storage.trial_fs_path}/result.json",
                           destination_filesystem=trial.storage.storage_filesystem)
-
-
-def launchable_nodes(config: str = AUTOSCALER_CONFIG) -> list[dict]:
-    """Resources of the node types the autoscaler may still start: trials that wait for one are not stuck."""
-    path = Path(config).expanduser()
-    if not path.is_file():
-        return []
-    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
-    return [kind.get("resources", {}) for kind in types.values() if kind.get("max_workers", 0) > 0]
-
-
-def check_resources(cpus: float, gpus: float) -> None:
-    """Fail in seconds when no single node, running or launchable, can host one trial."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    launchable = launchable_nodes()
-    for kind, wanted, flag in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
-        largest = max((node.get(kind, 0) for node in nodes + launchable), default=0)
-        if wanted > largest:
-            total = sum(node.get(kind, 0) for node in nodes)
-            scope = " (nor any node type its autoscaler can add)" if launchable else ""
-            raise ResourceError(
-                f"{flag} {wanted:g} asks for {wanted:g} {kind}(s) per trial, but no node of this Ray cluster{scope} "
-                f"has more than {largest:g} ({total:g} {kind}s on {len(nodes)} node(s)); trials would stay PENDING "
-                "forever. "
-                f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
-
-
-def _free_space(path: Path) -> tuple[int, int]:
-    """(free bytes, device id) of the file system that holds ``path`` or would hold it once created."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free, path.stat().st_dev
-
-
-def check_disk(state: int, trials: int, storage: str, uri: str) -> None:
-    """Fail before Ray starts when the checkpoints cannot fit, rather than trials dying mid-epoch with
-    "No space left on device" (torch.save then reports a corrupt zip): each trial keeps KEEP_CHECKPOINTS
-    states of ``state`` bytes under --storage, and a local MLflow store holds a copy of its last one."""
-    needs = [("--storage", Path(storage), trials * KEEP_CHECKPOINTS * state)] if "://" not in storage else []
-    artifacts = local_artifact_root(uri)
-    if artifacts is not None:
-        needs.append(("--mlflow-uri's artifacts", artifacts, trials * state))
-    by_disk: dict[int, list] = {}
-    for what, path, size in needs:
-        free, device = _free_space(path.expanduser().resolve())
-        by_disk.setdefault(device, [free, []])[1].append((what, path, size))
-    for free, users in by_disk.values():
-        needed = sum(size for _, _, size in users)
-        if needed > free:
-            parts = " + ".join(f"{what} {path} {size / 2**30:.2f} GiB" for what, path, size in users)
-            raise StorageError(
-                f"not enough disk for this study's checkpoints: {trials} trial(s) with checkpoints of up to "
-                f"{state / 2**20:.0f} MiB need {needed / 2**30:.2f} GiB ({parts}) but only "
-                f"{free / 2**30:.2f} GiB is free there. Free space, point --storage (or --mlflow-uri) at a larger "
-                "disk, or run fewer trials.")
-
-
-def trial_count(args, space: dict, default_samples: int | None) -> int:
-    """How many trials the study will run: the grid times --num-samples, or Optuna's sample count."""
-    if args.search == "optuna":
-        return args.num_samples or default_samples or grid_size(space)
-    return grid_size(space) * (args.num_samples or 1)
 
 
 def trial_dirname(trial) -> str:
@@ -241,7 +165,7 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
 
     started = _start_ray(args.address)
     try:
-        check_resources(args.cpus_per_trial, args.gpus_per_trial)
+        check_resources(ray.nodes(), args.cpus_per_trial, args.gpus_per_trial)
         if args.resume:
             if not tune.Tuner.can_restore(study_dir):
                 raise FileNotFoundError(f"--resume: no study to resume in {study_dir}")

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 from trainables import ConfigError, OptimConfig, TrainConfig
-from trainables.data import build_dataset
 from trainables.tune_io import state_bytes
 
 MAX_CHECKED = 512  # candidate configs built in the check; larger products are checked on a stride
@@ -107,11 +106,3 @@ def largest_state(base: TrainConfig, space: dict) -> int:
         if key not in sizes:
             sizes[key] = state_bytes(config)
     return max(sizes.values())
-
-
-def check_data(config: TrainConfig) -> None:
-    """Open both splits once in the driver: a missing root, a wrong layout or bad files fail before any
-    trial, and ``--download`` downloads once instead of once per trial."""
-    for split in ("train", "val"):
-        kwargs = {"train_split": config.train_split} if hasattr(config, "train_split") else {}
-        build_dataset(config.dataset, split, config.data_root, config.image_size, download=config.download, **kwargs)

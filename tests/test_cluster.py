@@ -19,14 +19,13 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, study_command
-from studies import runner
+from studies import preflight
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the venv's `ray` and `mlflow`, matching the Ray the study imports
@@ -159,15 +158,14 @@ def answers(port: int, path: str | None = None) -> bool:
 def test_gpu_trials_wait_for_the_autoscaler_on_a_launcher_cluster(tmp_path, monkeypatch):
     """A fresh `ray up` cluster has only its CPU head: --gpus-per-trial 1 must wait for a GPU worker, not fail."""
     head_only = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 0.0}}]
-    monkeypatch.setattr(runner, "ray", SimpleNamespace(nodes=lambda: head_only))
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(runner.ResourceError, match="--gpus-per-trial 1 "):
-        runner.check_resources(1, 1)  # no launcher config: nothing will ever add a GPU
+    with pytest.raises(preflight.ResourceError, match="--gpus-per-trial 1 "):
+        preflight.check_resources(head_only, 1, 1)  # no launcher config: nothing will ever add a GPU
     shutil.copy(ROOT / "cluster.yaml", tmp_path / "ray_bootstrap_config.yaml")  # as `ray up` leaves it on the head
-    runner.check_resources(4, 1)  # g5.xlarge
-    runner.check_resources(8, 4)  # g5.12xlarge
-    with pytest.raises(runner.ResourceError, match="nor any node type its autoscaler can add"):
-        runner.check_resources(1, 8)
+    preflight.check_resources(head_only, 4, 1)  # g5.xlarge
+    preflight.check_resources(head_only, 8, 4)  # g5.12xlarge
+    with pytest.raises(preflight.ResourceError, match="nor any node type its autoscaler can add"):
+        preflight.check_resources(head_only, 1, 8)
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def test_a_study_whose_checkpoints_cannot_fit_fails_before_ray_starts(tmp_path, 
 def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(tmp_path):
     import shutil
 
-    from studies.runner import KEEP_CHECKPOINTS, StorageError, check_disk
+    from studies.preflight import KEEP_CHECKPOINTS, StorageError, check_disk
     from studies.tracking import local_artifact_root
 
     free = shutil.disk_usage(tmp_path).free

@@ -1,0 +1,101 @@
+"""Pre-flight: the checks that must fail in seconds, before Ray starts or before any trial is scheduled.
+
+Each check takes plain data (the parsed flags, the space, what ``ray.nodes()`` returned) and raises an
+error that names the flag, the value and what would be valid; the runner decides when to call them.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from studies.space import grid_size
+from studies.tracking import local_artifact_root
+from trainables import TrainConfig
+from trainables.data import build_dataset
+
+# `ray up` leaves the cluster's config here on the head, where studies run; Tune looks for the same file
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+KEEP_CHECKPOINTS = 2  # per trial: the newest two, so a crash while writing one leaves the other
+
+
+class StorageError(RuntimeError):
+    """The study's checkpoints cannot fit on the disk they would be written to."""
+
+
+class ResourceError(RuntimeError):
+    """The per-trial request can never be met by this cluster (Tune would leave trials PENDING forever)."""
+
+
+def launchable_nodes(config: str = AUTOSCALER_CONFIG) -> list[dict]:
+    """Resources of the node types the autoscaler may still start: trials that wait for one are not stuck."""
+    path = Path(config).expanduser()
+    if not path.is_file():
+        return []
+    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
+    return [kind.get("resources", {}) for kind in types.values() if kind.get("max_workers", 0) > 0]
+
+
+def check_resources(nodes: list[dict], cpus: float, gpus: float) -> None:
+    """Fail in seconds when no single node, running or launchable, can host one trial (``nodes`` as
+    ``ray.nodes()`` returns them)."""
+    nodes = [node["Resources"] for node in nodes if node["Alive"]]
+    launchable = launchable_nodes()
+    for kind, wanted, flag in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
+        largest = max((node.get(kind, 0) for node in nodes + launchable), default=0)
+        if wanted > largest:
+            total = sum(node.get(kind, 0) for node in nodes)
+            scope = " (nor any node type its autoscaler can add)" if launchable else ""
+            raise ResourceError(
+                f"{flag} {wanted:g} asks for {wanted:g} {kind}(s) per trial, but no node of this Ray cluster{scope} "
+                f"has more than {largest:g} ({total:g} {kind}s on {len(nodes)} node(s)); trials would stay PENDING "
+                "forever. "
+                f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
+
+
+def _free_space(path: Path) -> tuple[int, int]:
+    """(free bytes, device id) of the file system that holds ``path`` or would hold it once created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free, path.stat().st_dev
+
+
+def check_disk(state: int, trials: int, storage: str, uri: str) -> None:
+    """Fail before Ray starts when the checkpoints cannot fit, rather than trials dying mid-epoch with
+    "No space left on device" (torch.save then reports a corrupt zip): each trial keeps KEEP_CHECKPOINTS
+    states of ``state`` bytes under --storage, and a local MLflow store holds a copy of its last one."""
+    needs = [("--storage", Path(storage), trials * KEEP_CHECKPOINTS * state)] if "://" not in storage else []
+    artifacts = local_artifact_root(uri)
+    if artifacts is not None:
+        needs.append(("--mlflow-uri's artifacts", artifacts, trials * state))
+    by_disk: dict[int, list] = {}
+    for what, path, size in needs:
+        free, device = _free_space(path.expanduser().resolve())
+        by_disk.setdefault(device, [free, []])[1].append((what, path, size))
+    for free, users in by_disk.values():
+        needed = sum(size for _, _, size in users)
+        if needed > free:
+            parts = " + ".join(f"{what} {path} {size / 2**30:.2f} GiB" for what, path, size in users)
+            raise StorageError(
+                f"not enough disk for this study's checkpoints: {trials} trial(s) with checkpoints of up to "
+                f"{state / 2**20:.0f} MiB need {needed / 2**30:.2f} GiB ({parts}) but only "
+                f"{free / 2**30:.2f} GiB is free there. Free space, point --storage (or --mlflow-uri) at a larger "
+                "disk, or run fewer trials.")
+
+
+def trial_count(args, space: dict, default_samples: int | None) -> int:
+    """How many trials the study will run: the grid times --num-samples, or Optuna's sample count."""
+    if args.search == "optuna":
+        return args.num_samples or default_samples or grid_size(space)
+    return grid_size(space) * (args.num_samples or 1)
+
+
+def check_data(config: TrainConfig) -> None:
+    """Open both splits once in the driver: a missing root, a wrong layout or bad files fail before any
+    trial, and ``--download`` downloads once instead of once per trial."""
+    for split in ("train", "val"):
+        kwargs = {"train_split": config.train_split} if hasattr(config, "train_split") else {}
+        build_dataset(config.dataset, split, config.data_root, config.image_size, download=config.download, **kwargs)
