@@ -8,15 +8,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
-
+from studies.autoscaling import AUTOSCALER_CONFIG, Autoscaler, from_bootstrap, learn, shape  # noqa: F401
 from studies.space import grid_size
 from studies.tracking import local_artifact_root
 from trainables import TrainConfig
 from trainables.data import build_dataset
-
-# `ray up` leaves the cluster's config here on the head, where studies run; Tune looks for the same file
-AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 KEEP_CHECKPOINTS = 2  # per trial: the newest two, so a crash while writing one leaves the other
@@ -30,30 +26,92 @@ class ResourceError(RuntimeError):
     """The per-trial request can never be met by this cluster (Tune would leave trials PENDING forever)."""
 
 
+class PendingTimeoutError(ResourceError):
+    """Trials waited longer than --pending-timeout for a node that could host them."""
+
+
+PENDING_TIMEOUT_S = 900.0  # --pending-timeout's default: cloud GPU nodes take minutes to boot and set up
+
+
 def launchable_nodes(config: str = AUTOSCALER_CONFIG) -> list[dict]:
-    """Resources of the node types the autoscaler may still start: trials that wait for one are not stuck."""
-    path = Path(config).expanduser()
-    if not path.is_file():
-        return []
-    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
-    return [kind.get("resources", {}) for kind in types.values() if kind.get("max_workers", 0) > 0]
+    """Resources of the node types ``ray up``'s config lets the autoscaler still start."""
+    return list((from_bootstrap(config) or {}).values())
 
 
-def check_resources(nodes: list[dict], cpus: float, gpus: float) -> None:
-    """Fail in seconds when no single node, running or launchable, can host one trial (``nodes`` as
-    ``ray.nodes()`` returns them)."""
-    nodes = [node["Resources"] for node in nodes if node["Alive"]]
-    launchable = launchable_nodes()
-    for kind, wanted, flag in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
-        largest = max((node.get(kind, 0) for node in nodes + launchable), default=0)
+def fits(request: dict, resources: dict) -> bool:
+    return all(resources.get(kind, 0) >= wanted for kind, wanted in request.items() if wanted > 0)
+
+
+def check_resources(nodes: list[dict], cpus: float, gpus: float, scaler: Autoscaler | None = None,
+                    timeout: float = PENDING_TIMEOUT_S) -> str | None:
+    """None when a live node can host one trial; a note when none can yet but the autoscaler may add one
+    (the trials wait, up to ``timeout`` seconds); ResourceError at once when neither holds.
+
+    ``nodes`` as ``ray.nodes()`` returns them; ``scaler`` what Ray publishes about its autoscaler (default:
+    only what ``ray up``'s config on this machine says)."""
+    scaler = scaler if scaler is not None else learn()
+    request = {"CPU": cpus, "GPU": gpus}
+    live = [node["Resources"] for node in nodes if node["Alive"]]
+    if any(fits(request, node) for node in live):
+        return None
+    types = scaler.node_types if scaler else {}
+    if scaler and (types is None or any(fits(request, kind) for kind in types.values())):
+        until = f" up to --pending-timeout {timeout:g} s." if timeout > 0 else " (--pending-timeout 0: forever)."
+        return (f"no live node of this Ray cluster can host a trial yet ({_asks(cpus, gpus)}; {_offered(live)}), but "
+                f"{scaler.describe()}: the trials wait for it{until}")
+    flags = (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial"))
+    candidates = live + list((types or {}).values())
+    scope = " (nor any node type its autoscaler can add)" if types else ""
+    for kind, wanted, flag in flags:
+        largest = max((node.get(kind, 0) for node in candidates), default=0)
         if wanted > largest:
-            total = sum(node.get(kind, 0) for node in nodes)
-            scope = " (nor any node type its autoscaler can add)" if launchable else ""
+            total = sum(node.get(kind, 0) for node in live)
             raise ResourceError(
                 f"{flag} {wanted:g} asks for {wanted:g} {kind}(s) per trial, but no node of this Ray cluster{scope} "
-                f"has more than {largest:g} ({total:g} {kind}s on {len(nodes)} node(s)); trials would stay PENDING "
+                f"has more than {largest:g} ({total:g} {kind}s on {len(live)} node(s)); trials would stay PENDING "
                 "forever. "
                 f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
+    raise ResourceError(
+        f"--cpus-per-trial {cpus:g} --gpus-per-trial {gpus:g}: no single node of this Ray cluster{scope} has both "
+        f"({'; '.join(shape(node) for node in candidates)}); trials would stay PENDING forever. Lower one of them.")
+
+
+def _asks(cpus: float, gpus: float) -> str:
+    return f"--cpus-per-trial {cpus:g} --gpus-per-trial {gpus:g} ask for {shape({'CPU': cpus, 'GPU': gpus})} per trial"
+
+
+def _offered(live: list[dict]) -> str:
+    if not live:
+        return "it has no live node"
+    shapes = sorted({shape(node) for node in live})
+    return f"its {len(live)} live node(s) have " + " / ".join(shapes)
+
+
+def pending_timeout_message(pending: int, cpus: float, gpus: float, timeout: float, nodes: list[dict],
+                            scaler: Autoscaler | None) -> str:
+    """Why the study ends: what the trials asked for and what the cluster offered while they waited."""
+    live = [node["Resources"] for node in nodes if node["Alive"]]
+    offer = scaler.describe() if scaler else "no autoscaler runs (nothing in Ray's GCS, no ~/ray_bootstrap_config.yaml)"
+    return (f"{pending} trial(s) still PENDING after --pending-timeout {timeout:g} s with no trial running: "
+            f"{_asks(cpus, gpus)}; {_offered(live)}; {offer}. No node that fits arrived: check `ray status` and "
+            "the autoscaler's log on the head (/tmp/ray/session_latest/logs/monitor.*), lower the per-trial "
+            "request, or raise --pending-timeout when nodes take longer to start.")
+
+
+class PendingClock:
+    """Measures how long trials have waited with none running: Tune itself would wait forever."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout, self.since = timeout, None
+
+    def expired(self, statuses: list[str], now: float) -> int:
+        """The number of PENDING trials once they have waited ``timeout`` seconds with none running, else 0."""
+        pending = statuses.count("PENDING")
+        if self.timeout <= 0 or not pending or "RUNNING" in statuses:
+            self.since = None
+            return 0
+        self.since = now if self.since is None else self.since
+        return pending if now - self.since >= self.timeout else 0
 
 
 def _free_space(path: Path) -> tuple[int, int]:

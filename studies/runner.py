@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,8 +19,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from studies.cli import apply_args, build_parser
-from studies.preflight import (KEEP_CHECKPOINTS, ResourceError, StorageError, check_data, check_disk,  # noqa: F401
-                               check_resources, trial_count)
+from studies.preflight import (KEEP_CHECKPOINTS, Autoscaler, PendingClock, PendingTimeoutError,  # noqa: F401
+                               ResourceError, StorageError, check_data, check_disk, check_resources, learn,
+                               pending_timeout_message, trial_count)
 from studies.space import check_space, is_grid, largest_state, merge_space
 from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
 from trainables import TrainConfig, trainable_for
@@ -66,6 +68,34 @@ class KeepResultsOnRetry(tune.Callback):
                           destination_filesystem=trial.storage.storage_filesystem)
 
 
+class PendingTimeout(tune.Callback):
+    """Ends the study with the request and what the cluster offered when trials have waited --pending-timeout
+    seconds with none running: Tune itself waits forever for a node that no autoscaler delivers."""
+
+    def __init__(self, args) -> None:
+        self.clock, self.cpus, self.gpus = PendingClock(args.pending_timeout), args.cpus_per_trial, args.gpus_per_trial
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        pending = self.clock.expired([trial.status for trial in trials], time.monotonic())
+        if pending:
+            raise PendingTimeoutError(pending_timeout_message(pending, self.cpus, self.gpus, self.clock.timeout,
+                                                              ray.nodes(), autoscaler()))
+
+
+def autoscaler() -> Autoscaler | None:
+    """What Ray publishes about this cluster's autoscaler (see studies/autoscaling.py); Ray has no public API
+    for it, so these are the calls `ray status` and Ray Data make."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    config = state.get_cluster_config()  # autoscaler v2's node groups; None under the v1 monitor
+    groups = {"node_group_configs": [{"name": group.name, "resources": dict(group.resources),
+                                      "max_count": group.max_count} for group in config.node_group_configs]
+              } if config else None
+    return learn(_internal_kv_get(DEBUG_AUTOSCALING_STATUS), groups, now=time.time())
+
+
 def trial_dirname(trial) -> str:
     """Short trial folders: Tune's default spells out every sampled parameter and overflows paths."""
     return f"{trial.trainable_name}_{trial.trial_id}"
@@ -103,7 +133,8 @@ def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: st
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
                                   reduction_factor=2)
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, callbacks=[MLflowCallback(tracker), KeepResultsOnRetry()], verbose=1,
+        name=name, storage_path=storage, verbose=1,
+        callbacks=[MLflowCallback(tracker), KeepResultsOnRetry(), PendingTimeout(args)],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
     # reuse_actors: a fresh worker per trial costs ~2 s of imports
@@ -165,7 +196,10 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
 
     started = _start_ray(args.address)
     try:
-        check_resources(ray.nodes(), args.cpus_per_trial, args.gpus_per_trial)
+        waiting = check_resources(ray.nodes(), args.cpus_per_trial, args.gpus_per_trial, autoscaler(),
+                                  args.pending_timeout)
+        if waiting:
+            log.warning(waiting)
         if args.resume:
             if not tune.Tuner.can_restore(study_dir):
                 raise FileNotFoundError(f"--resume: no study to resume in {study_dir}")
