@@ -89,11 +89,16 @@ def autoscaler() -> Autoscaler | None:
     from ray._private.state import state
     from ray.experimental.internal_kv import _internal_kv_get
 
-    config = state.get_cluster_config()  # autoscaler v2's node groups; None under the v1 monitor
-    groups = {"node_group_configs": [{"name": group.name, "resources": dict(group.resources),
-                                      "max_count": group.max_count} for group in config.node_group_configs]
-              } if config else None
+    groups = node_groups(state.get_cluster_config())  # autoscaler v2's node groups; None under the v1 monitor
     return learn(_internal_kv_get(DEBUG_AUTOSCALING_STATUS), groups, now=time.time())
+
+
+def node_groups(config) -> dict | None:
+    """Ray's ``autoscaler_pb2.ClusterConfig`` as the plain dict ``studies.autoscaling`` reads."""
+    if config is None:
+        return None
+    return {"node_group_configs": [{"name": group.name, "resources": dict(group.resources),
+                                    "max_count": group.max_count} for group in config.node_group_configs]}
 
 
 def trial_dirname(trial) -> str:
