@@ -44,10 +44,17 @@ print("NODES " + json.dumps({node["NodeID"]: node["Resources"] for node in nodes
 """
 
 
+_GIVEN: set[int] = set()  # the kernel hands a just-closed port out again: never give one twice in a run
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def node_ports() -> list[str]:
