@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from trainables import ClassifyConfig, SegmentConfig, VAEConfig, train_classifier, train_segmenter, train_vae
 from trainables import classify, segment, vae
 from trainables.data import build_dataset, class_frequencies
-from trainables.loop import Hardware, NonFiniteLossError
+from trainables.loop import CudaUnavailableError, Hardware, NonFiniteLossError, cuda_problem
 from trainables.losses import class_weight_vector, segmentation_loss, vae_loss
 from trainables.tune_io import LocalSession, run_trial, state_bytes
 
@@ -156,8 +156,20 @@ def test_nan_loss_stops_the_trial_naming_epoch_step_and_config(data_root, tmp_pa
 
 def test_device_comes_from_the_trials_gpu_ids():
     assert Hardware.select([]).device.type == "cpu"
+    if torch.cuda.device_count() == 0:  # this machine: GPU ids without CUDA are a diagnosis, not a CUDA trace
+        with pytest.raises(CudaUnavailableError, match=r"GPU id\(s\) \['0'\] on node 10.0.0.7, but CUDA sees no "):
+            Hardware.select(["0"], amp=True, where="node 10.0.0.7")
+        return
     gpu = Hardware.select(["0"], amp=True)
     assert gpu.device == torch.device("cuda", 0) and gpu.channels_last and gpu.amp
+
+
+def test_cuda_problem_names_what_is_missing():
+    assert "built without CUDA" in cuda_problem(["0"], None, 0, None)
+    assert "no NVIDIA driver or GPU" in cuda_problem(["0"], "13.0", 0, "0")
+    assert "CUDA_VISIBLE_DEVICES='0'" in cuda_problem(["0"], "13.0", 0, "0")
+    assert "only 1 device(s)" in cuda_problem(["0", "1"], "13.0", 1, "0,1")
+    assert cuda_problem(["0", "1"], "13.0", 2, "0,1") is None
 
 
 def _report_device(config: dict) -> None:
@@ -169,8 +181,11 @@ def _report_device(config: dict) -> None:
     from trainables.tune_io import TuneSession
 
     session = TuneSession()
-    hw = Hardware.select(session.gpu_ids)
-    tune.report({"device": hw.device.type, "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+    try:
+        device = Hardware.select(session.gpu_ids, where=session.where).device.type
+    except CudaUnavailableError as err:  # the logical GPUs of the test's runtime, on a machine without CUDA
+        device = f"unusable: {err}"
+    tune.report({"device": device, "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
                  "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
 
 
@@ -184,7 +199,10 @@ def test_each_trial_sees_its_own_logical_gpu(ray_runtime):
         return [r.metrics for r in grid]
 
     shared = run(0.5, 4)
-    assert [m["device"] for m in shared] == ["cuda"] * 4
+    if torch.cuda.device_count() == 0:
+        assert all(m["device"].startswith("unusable: ") and " on node " in m["device"] for m in shared), shared
+    else:
+        assert [m["device"] for m in shared] == ["cuda"] * 4
     assert sorted(m["gpu_ids"] for m in shared) == ["0", "0", "1", "1"]  # two half-GPU trials per GPU
     assert all(m["visible"] == m["gpu_ids"] for m in shared)
     assert [m["device"] for m in run(0, 1)] == ["cpu"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -47,10 +48,17 @@ class Hardware:
     channels_last: bool = False
 
     @classmethod
-    def select(cls, gpu_ids: Sequence, amp: bool = True) -> "Hardware":
+    def select(cls, gpu_ids: Sequence, amp: bool = True, where: str = "this machine") -> "Hardware":
         """cuda when the trial was given a GPU, else cpu: never ``torch.cuda.is_available()`` alone,
         since a GPU that the scheduler gave to another trial is visible too."""
         if len(gpu_ids) > 0:
+            problem = cuda_problem(gpu_ids, torch.version.cuda, torch.cuda.device_count(),
+                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if problem:
+                raise CudaUnavailableError(
+                    f"this trial was given GPU id(s) {list(gpu_ids)} on {where}, but {problem}. The node declares "
+                    "GPUs it cannot use: give its node type the GPUs it really has (`resources:` in the cluster "
+                    "config, `ray start --num-gpus`) or fix its driver (`nvidia-smi` must list them).")
             return cls(torch.device("cuda", 0), amp=amp, channels_last=True)
         return cls(torch.device("cpu"))
 
@@ -71,6 +79,22 @@ class Hardware:
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
             moved.append(tensor)
         return moved
+
+
+class CudaUnavailableError(RuntimeError):
+    """A trial got GPUs from Ray on a node where CUDA cannot reach them: fail at once, not with a CUDA trace."""
+
+
+def cuda_problem(gpu_ids: Sequence, cuda_build: str | None, devices: int, visible: str | None) -> str | None:
+    """Why the GPUs Ray gave a trial cannot be used here (None when they can), from what torch reports."""
+    if cuda_build is None:
+        return f"this PyTorch ({torch.__version__}) is built without CUDA"
+    if devices == 0:
+        return (f"CUDA sees no device (PyTorch built for CUDA {cuda_build}; CUDA_VISIBLE_DEVICES={visible!r}): no "
+                "NVIDIA driver or GPU is found")
+    if devices < len(gpu_ids):
+        return f"CUDA sees only {devices} device(s) (CUDA_VISIBLE_DEVICES={visible!r})"
+    return None
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -34,6 +34,7 @@ class TuneSession:
 
         self._tune = tune
         self.node_id = ray.get_runtime_context().get_node_id()  # reported, so a study shows where each trial ran
+        self.where = f"node {ray.util.get_node_ip_address()} (id {self.node_id[:12]})"  # for errors about this node
         self.gpu_ids = ray.get_gpu_ids()
         self.cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
 
@@ -55,6 +56,7 @@ class LocalSession:
         self.resume_from = resume_from
         self.gpu_ids: list = []
         self.cpus = cpus
+        self.where = "this machine"
 
     def restore_dir(self):
         return _PathContext(self.resume_from) if self.resume_from else None
@@ -159,7 +161,7 @@ def run_trial(config_dict: dict, task: Task, session=None) -> dict:
         session = TuneSession() if in_tune_trial() else LocalSession(tempfile.mkdtemp(prefix="vision-tune-"))
     if session.cpus:
         torch.set_num_threads(max(1, int(session.cpus)))
-    hw = Hardware.select(session.gpu_ids, amp=config.amp)
+    hw = Hardware.select(session.gpu_ids, amp=config.amp, where=getattr(session, "where", "this machine"))
     seed_everything(config.seed)
     built = task.build(config)
     model = hw.prepare(built.model)
