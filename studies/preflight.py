@@ -101,8 +101,8 @@ def pending_timeout_message(pending: int, cpus: float, gpus: float, timeout: flo
 class PendingClock:
     """Measures how long trials have waited with none running: Tune itself would wait forever."""
 
-    def __init__(self, timeout: float) -> None:
-        self.timeout, self.since = timeout, None
+    def __init__(self, timeout: float, note_every: float = 60.0) -> None:
+        self.timeout, self.since, self.note_every, self.noted = timeout, None, note_every, 0
 
     def expired(self, statuses: list[str], now: float) -> int:
         """The number of PENDING trials once they have waited ``timeout`` seconds with none running, else 0."""
@@ -112,6 +112,17 @@ class PendingClock:
             return 0
         self.since = now if self.since is None else self.since
         return pending if now - self.since >= self.timeout else 0
+
+    def note_due(self, now: float) -> bool:
+        """True once per ``note_every`` seconds of waiting: time to say again what the trials wait for."""
+        if self.since is None:
+            self.noted = 0
+            return False
+        due = int((now - self.since) // self.note_every)
+        if due > self.noted:
+            self.noted = due
+            return True
+        return False
 
 
 def _free_space(path: Path) -> tuple[int, int]:

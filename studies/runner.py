@@ -76,10 +76,15 @@ class PendingTimeout(tune.Callback):
         self.clock, self.cpus, self.gpus = PendingClock(args.pending_timeout), args.cpus_per_trial, args.gpus_per_trial
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        pending = self.clock.expired([trial.status for trial in trials], time.monotonic())
+        now = time.monotonic()
+        pending = self.clock.expired([trial.status for trial in trials], now)
         if pending:
             raise PendingTimeoutError(pending_timeout_message(pending, self.cpus, self.gpus, self.clock.timeout,
                                                               ray.nodes(), autoscaler()))
+        if self.clock.note_due(now):
+            scaler = autoscaler()
+            log.warning("no trial running for %.0f s, waiting for a node: %s", now - self.clock.since,
+                        scaler.describe() if scaler else "no autoscaler runs")
 
 
 def autoscaler() -> Autoscaler | None:

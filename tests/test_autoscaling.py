@@ -111,6 +111,14 @@ def test_pending_clock_counts_only_time_with_nothing_running():
     assert preflight.PendingClock(0).expired(["PENDING"], 1e9) == 0  # --pending-timeout 0: forever
 
 
+def test_pending_clock_says_what_it_waits_for_once_a_minute():
+    clock = preflight.PendingClock(900, note_every=60)
+    clock.expired(["PENDING"], 100)
+    assert [clock.note_due(t) for t in (100, 159, 160, 161, 230)] == [False, False, True, False, True]
+    clock.expired(["RUNNING"], 231)
+    assert not clock.note_due(290)
+
+
 def test_pending_timeout_message_names_request_and_offer():
     scaler = autoscaling.learn(monitor(), None, now=NOW)
     text = preflight.pending_timeout_message(3, 1, 1, 15, [HEAD, CPU_WORKER, DEAD_GPU], scaler)
