@@ -132,6 +132,7 @@ def test_trials_ran_on_workers_the_autoscaler_started(cluster, study):
     assert len(table) == TRIALS and (table["status"] == "OK").all(), table
     used = {row["node_id"] for row in study["rows"]}
     assert len(study["rows"]) == TRIALS and used and cluster["head"] not in used, (cluster["head"], used)
+    print(f"{TRIALS} trials ran on {len(used)} worker node(s) the autoscaler started")
 
 
 def test_idle_workers_are_removed(cluster, study):
@@ -149,5 +150,6 @@ def test_trials_the_autoscaler_never_delivers_for_end_at_the_pending_timeout(clu
         done.stderr[-3000:]
     assert "--cpus-per-trial 1 --gpus-per-trial 1 ask for CPU 1, GPU 1 per trial" in done.stderr
     assert "the autoscaler (its status in Ray's GCS)" in done.stderr
+    assert "gpu_worker" in done.stderr  # it did try to launch the node type that never arrives
     error = next(line for line in done.stderr.splitlines() if line.startswith("studies.preflight.PendingTimeoutError"))
     print(f"GPU study ended after {took:.0f} s (timeout 8 s, with the driver's start): {error}")
