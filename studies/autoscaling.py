@@ -12,6 +12,7 @@ Who runs the autoscaler decides what Ray tells (the runner fetches the raw value
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import yaml
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 # the v1 monitor rewrites its status every few seconds: one this old belongs to a monitor that is gone
 STALE_S = 300.0
+# how Ray's read-only monitor names the nodes it only watches (ray.autoscaler._private.util.format_readonly_node_type)
+READ_ONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,19 @@ def from_cluster_config(config: dict | None) -> dict[str, dict] | None:
 
 
 def from_monitor_status(raw: str | bytes | None, now: float) -> dict | None:
-    """The v1 monitor's status (``__autoscaling_status``), or None when there is none or it is stale."""
+    """The v1 monitor's status (``__autoscaling_status``), or None when there is none, it is stale, or it is
+    Ray's read-only monitor, which every head started without an autoscaling config runs (``ray.init()``, a
+    hand-made ``ray start`` cluster): it names each node ``node_<id>`` and never adds one."""
     if not raw:
         return None
     status = json.loads(raw)
-    if now - status.get("time", 0) > STALE_S:
+    report = status.get("autoscaler_report")
+    if not report or now - status.get("time", 0) > STALE_S:
         return None
-    report = status.get("autoscaler_report") or {}
+    kinds = [*(report.get("active_nodes") or {}), *(report.get("pending_launches") or {}),
+             *(kind for _, kind, *_ in report.get("failed_nodes") or [])]
+    if all(READ_ONLY_NODE_TYPE.fullmatch(kind) for kind in kinds):
+        return None
     load = status.get("load_metrics_report") or {}
     failed = tuple(f"{kind} ({ip})" for ip, kind, *_ in report.get("failed_nodes") or [])
     demands = tuple((bundle, count) for bundle, count in load.get("resource_demand") or [])

@@ -28,7 +28,7 @@ from conftest import ROOT, study_command
 pytestmark = pytest.mark.slow
 STUDY, TRIALS = "vae_lr", 5
 IDLE_MINUTES = 0.2  # workers idle this long are removed: seconds, not the default 5 minutes
-# the live nodes, the head's id and whether the autoscaler's status is in GCS, once `until` holds or time runs out
+# the live nodes, the head's id and whether the autoscaler has reported to GCS, once `until` holds or time runs out
 STATE_SCRIPT = """
 import json, sys, time, ray
 from ray.experimental.internal_kv import _internal_kv_get
@@ -37,8 +37,8 @@ until, deadline = sys.argv[2], time.time() + float(sys.argv[3])
 while True:
     alive = [node for node in ray.nodes() if node["Alive"]]
     head = [node["NodeID"] for node in alive if "node:__internal_head__" in node["Resources"]]
-    state = {"head": head, "alive": [node["NodeID"] for node in alive],
-             "autoscaler": _internal_kv_get("__autoscaling_status") is not None}
+    status = json.loads(_internal_kv_get("__autoscaling_status") or "{}")
+    state = {"head": head, "alive": [node["NodeID"] for node in alive], "autoscaler": "autoscaler_report" in status}
     if (state["autoscaler"] if until == "autoscaler" else len(alive) == len(head)) or time.time() > deadline:
         break
     time.sleep(1)

@@ -54,9 +54,14 @@ def test_a_running_v1_monitor_lets_trials_wait_and_says_what_is_pending():
     assert note.endswith("up to --pending-timeout 900 s.")
 
 
-def test_a_stale_or_missing_monitor_status_is_no_autoscaler():
+def test_a_stale_missing_or_read_only_monitor_status_is_no_autoscaler():
     assert autoscaling.learn(monitor(time=NOW - autoscaling.STALE_S - 1), None, now=NOW) is None
     assert autoscaling.learn(None, None, now=NOW) is None
+    assert autoscaling.learn(monitor(autoscaler_report=None), None, now=NOW) is None  # before its first update
+    # what `ray.init()`'s own head writes: Ray's read-only monitor, which only mirrors the live nodes
+    read_only = {"active_nodes": {"node_63a0f12b8bcd30b88127b04fd891e7e5cc04937aa042fbcfbeb4caae": 1},
+                 "pending_launches": {}, "failed_nodes": [], "node_availability_summary": {"node_availabilities": {}}}
+    assert autoscaling.learn(monitor(autoscaler_report=read_only), None, now=NOW) is None
     with pytest.raises(preflight.ResourceError):
         preflight.check_resources([HEAD], 1, 0, autoscaling.learn(monitor(time=0), None, now=NOW))
 

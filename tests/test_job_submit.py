@@ -30,7 +30,8 @@ def head(tmp_path_factory):
     ray_tmp = Path(tempfile.mkdtemp(prefix="vt-job-"))  # short: Ray's socket paths must fit in 107 bytes
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_") and key != "PYTHONPATH"}
     # as in a shell with the project's venv activated: `python` and `ray` are the venv's
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     started = Started(env, tmp)
     gcs_port, dashboard_port = free_port(), free_port()

@@ -35,7 +35,8 @@ WORKER_GROUP = {
     "type": "object", "additionalProperties": False,
     "required": ["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"],
     "properties": {"groupName": {"type": "string", "minLength": 1}, "replicas": INT32, "minReplicas": INT32,
-                   "maxReplicas": INT32, "numOfHosts": INT32, "idleTimeoutSeconds": INT32, "suspend": {"type": "boolean"},
+                   "maxReplicas": INT32, "numOfHosts": INT32, "idleTimeoutSeconds": INT32,
+                   "suspend": {"type": "boolean"},
                    "rayStartParams": STRING_MAP, "template": OBJECT,
                    "scaleStrategy": {"type": "object", "properties": {"workersToDelete": {"type": "array"}}}}}
 RAY_CLUSTER_SPEC = {
