@@ -20,6 +20,7 @@ import yaml
 
 # `ray up` leaves the cluster's config here on the head, where studies run; Tune looks for the same file
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+PENDING_TIMEOUT_S = 900.0  # --pending-timeout's default: cloud GPU nodes take minutes to boot and set up
 # the v1 monitor rewrites its status every few seconds: one this old belongs to a monitor that is gone
 STALE_S = 300.0
 # how Ray's read-only monitor names the nodes it only watches (ray.autoscaler._private.util.format_readonly_node_type)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from studies.autoscaling import AUTOSCALER_CONFIG, Autoscaler, from_bootstrap, learn, shape  # noqa: F401
+from studies.autoscaling import (AUTOSCALER_CONFIG, PENDING_TIMEOUT_S, Autoscaler, from_bootstrap,  # noqa: F401
+                                 learn, shape)
 from studies.space import grid_size
 from studies.tracking import local_artifact_root
 from trainables import TrainConfig
@@ -28,9 +29,6 @@ class ResourceError(RuntimeError):
 
 class PendingTimeoutError(ResourceError):
     """Trials waited longer than --pending-timeout for a node that could host them."""
-
-
-PENDING_TIMEOUT_S = 900.0  # --pending-timeout's default: cloud GPU nodes take minutes to boot and set up
 
 
 def launchable_nodes(config: str = AUTOSCALER_CONFIG) -> list[dict]:
