@@ -37,7 +37,8 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     res.add_argument("--cpus-per-trial", type=float, default=1.0)
     res.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
     res.add_argument("--address", help="join a running Ray cluster ('auto' or host:port); default: start a local Ray")
-    res.add_argument("--pending-timeout", type=float, default=PENDING_TIMEOUT_S, metavar="S", help="max wait for a node (0: forever)")
+    res.add_argument("--pending-timeout", type=float, default=PENDING_TIMEOUT_S, metavar="S",
+                     help="seconds trials may wait for a node with none running (0: forever)")
     res.add_argument("--storage", default="results", help="results folder, a shared path or s3://... on clusters")
     search = parser.add_argument_group("search and scheduling")
     search.add_argument("--search", choices=("grid", "optuna"), default="grid")
