@@ -58,7 +58,8 @@ def submit(head: dict, *entrypoint: str, timeout: float = 300) -> subprocess.Com
 
 
 def test_the_job_runs_the_uploaded_code(head):
-    done = submit(head, "python", "-c", "import studies.runner as r; print('RUNNER', r.__file__)", timeout=120)
+    # the package alone (no torch or Ray Tune to import): which copy of the code Python finds is the point
+    done = submit(head, "python", "-c", "import studies; print('RUNNER', studies.__file__)", timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     path = next(line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("RUNNER "))
     assert "runtime_resources" in path and not path.startswith(str(ROOT)), path  # the job's copy of the code
