@@ -65,9 +65,11 @@ def learning_curves(curves: pd.DataFrame, legend: dict[str, str], task: str, tit
                 mean = by_epoch.mean()
                 ax.plot(mean.index, mean.values, style, color=colors(i), markersize=3,
                         marker="o" if len(mean) < 12 else None)
-                if len(trials) > 1:  # the seeds' spread
+                if len(trials) > 1 and len(mean) > 1:  # the seeds' spread
                     ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors(i),
                                     alpha=0.18, linewidth=0)
+                elif len(trials) > 1:  # one epoch: a band would be invisible, a bar shows the same spread
+                    ax.vlines(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors(i), alpha=0.5)
         ax.set(title=name, xlabel="epoch", ylabel=" / ".join(metrics))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

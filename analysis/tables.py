@@ -11,6 +11,7 @@ import re
 import pandas as pd
 
 from analysis.load import Study
+from trainables import stats
 
 METRICS = {
     "classification": ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou"),
@@ -18,7 +19,7 @@ METRICS = {
     "generation": ("train/loss", "val/loss", "val/recon", "val/kl", "val/elbo"),
 }
 RATES = {"val/accuracy", "val/precision", "val/recall", "val/miou"}  # shown as percentages, as Table I
-NOT_A_VARIANT = {"config/seed"}  # repeated samples of one setting differ by seed only
+NOT_A_VARIANT = set(stats.NOT_A_VARIANT)  # samples of one setting differ by seed only (one definition with the verdict)
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
 
 

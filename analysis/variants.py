@@ -44,7 +44,8 @@ def variant_table(study: Study) -> pd.DataFrame:
     table["diff to best"] = [means[i] - means[best] for i in table.index]
     table["low"] = [iv.low if iv and i != best else math.nan for i, iv in zip(table.index, intervals)]
     table["high"] = [iv.high if iv and i != best else math.nan for i, iv in zip(table.index, intervals)]
-    table["excludes 0"] = [None if i == best or iv is None else iv.excludes_zero for i, iv in zip(table.index, intervals)]
+    table["excludes 0"] = [None if i == best or iv is None else iv.excludes_zero
+                           for i, iv in zip(table.index, intervals)]
     return table.drop(columns="_values")
 
 

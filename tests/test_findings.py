@@ -286,3 +286,29 @@ def test_a_pretrained_study_offline_without_the_file_fails_before_ray_starts(tmp
     assert not (tmp_path / "results" / "seg_concat").exists()  # no study started, no Ray
     assert "Started a local Ray instance" not in done.stdout + done.stderr
     assert time.time() - start < 240
+
+
+@pytest.mark.slow
+def test_a_study_with_samples_records_distinct_seeds_and_its_verdict(tmp_path, study_env):
+    from mlflow.tracking import MlflowClient
+
+    from studies.vae_lr import FINDING
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(study_command("vae_lr", "--quick", "--epochs", "1", "--steps-per-epoch", "3",
+                                        "--num-samples", "2", "--storage", str(tmp_path / "results"),
+                                        "--mlflow-uri", uri), cwd=tmp_path, env=study_env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = tmp_path / "results" / "vae_lr"
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 10  # 5 learning rates x 2 samples: the count --num-samples always gave
+    seeds = trials.groupby("config/optim/lr")["config/seed"].apply(frozenset)
+    assert (seeds.map(len) == 2).all() and seeds.nunique() == 1 and seeds.iloc[0] == {0, sample_seed(0, 1)}
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("vae_lr").experiment_id])
+    assert sorted(int(run.data.params["seed"]) for run in runs) == sorted(trials["config/seed"])
+    written = json.loads((folder / "finding.json").read_text())
+    assert written["claim"] == FINDING.claim and written["n"] == 2
+    assert f"verdict: {written['verdict']} (n=2" in done.stdout
+    assert json.loads((folder / "study.json").read_text())["finding"]["best"] == {"optim/lr": 5e-4}

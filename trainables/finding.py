@@ -124,7 +124,7 @@ def judge(finding: Finding, trials: pd.DataFrame) -> Verdict:
                     f"{groups[claim].text()}")
         if gap is None:
             return Verdict(finding, NOT_SIGNIFICANT, measured + "; n=1: no interval", METHOD, n)
-        measured += f"; difference {gap.text()}"
+        measured += f"; best - report's: {gap.text()}"
         beaten = gap.excludes_zero and sign * gap.estimate > 0
         return Verdict(finding, CONTRADICTED if beaten else NOT_SIGNIFICANT, measured, METHOD, n)
     others = [k for k in groups if k != claim]
@@ -135,7 +135,7 @@ def judge(finding: Finding, trials: pd.DataFrame) -> Verdict:
     if any(gap is None for gap in gaps.values()):
         return Verdict(finding, NOT_SIGNIFICANT, measured + "; n=1: no interval", METHOD, n)
     unseparated = [k for k, gap in gaps.items() if not (gap.excludes_zero and sign * gap.estimate > 0)]
-    measured += f"; difference to it {gaps[runner_up].text()}"
+    measured += f"; report's - next: {gaps[runner_up].text()}"
     if unseparated:
         measured += f"; not separated from {len(unseparated)} variant(s)"
         return Verdict(finding, NOT_SIGNIFICANT, measured, METHOD, n)
