@@ -194,6 +194,10 @@ def test_learning_curves_draw_the_seed_spread(tmp_path):
     assert band.min() == pytest.approx(1 / 3) and band.max() == pytest.approx(1.2)
     assert list(ax.lines[0].get_ydata()) == pytest.approx([1.1, 0.55, 1.1 / 3])  # the mean of the two seeds
     figures.save(figure, tmp_path / "curves.png")
+    from analysis.report import who
+
+    row = pd.Series({"label": "A.2", "trial": "train_x_abcde_00001", "setting": "optim/lr=0.1", "config/seed": 5})
+    assert who(row) == "A.2 (trial abcde_00001: optim/lr=0.1, seed 5)"  # a figure's one seed is named
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -312,3 +316,17 @@ def test_a_study_with_samples_records_distinct_seeds_and_its_verdict(tmp_path, s
     assert written["claim"] == FINDING.claim and written["n"] == 2
     assert f"verdict: {written['verdict']} (n=2" in done.stdout
     assert json.loads((folder / "study.json").read_text())["finding"]["best"] == {"optim/lr": 5e-4}
+
+
+def test_no_pretrained_flag_and_quick_train_from_scratch():
+    from studies.cli import apply_args, build_parser
+    from studies.seg_concat import BASE, SPACE
+    from trainables import ConfigError, VAEConfig
+
+    assert BASE.pretrained  # the segmentation studies default to the report's ImageNet encoder
+    for flags in (["--no-pretrained"], ["--quick"]):
+        base, _ = apply_args(BASE, SPACE, build_parser("seg_concat").parse_args(flags))
+        assert base.pretrained is False and base.model_kwargs()["pretrained"] is False
+    assert apply_args(BASE, SPACE, build_parser("seg_concat").parse_args([]))[0].pretrained
+    with pytest.raises(ConfigError, match="--no-pretrained"):
+        apply_args(VAEConfig(), {}, build_parser("vae_lr").parse_args(["--no-pretrained"]))
