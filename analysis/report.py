@@ -19,8 +19,8 @@ import pandas as pd
 from analysis import embed, figures, images
 from analysis.load import Artifacts, Study
 from analysis.tables import METRICS, best_per_variant, ranked, results_table, short_id, to_markdown, varied_params
-from analysis.variants import (finding_html, finding_markdown, study_verdict, variant_html, variant_markdown,
-                               variant_table)
+from analysis.variants import (finding_html, finding_markdown, letters_of, study_verdict, variant_html,
+                               variant_markdown, variant_table)
 from trainables.data import dataset_info
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,11 @@ class Builder:
             self.report.notes.append("the study states no finding of the report (no FINDING in its script)")
             return
         (self.out / "finding.json").write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
-        (self.out / "finding.md").write_text(finding_markdown(verdict))
+        letters = letters_of(self.study, verdict)
+        (self.out / "finding.md").write_text(finding_markdown(verdict, letters))
         self.add("Finding", "Finding", self.out / "finding.md",
-                 "The report's claim judged on this study's OK trials. Data: finding.json.", finding_html(verdict))
+                 "The report's claim judged on this study's OK trials. Data: finding.json.",
+                 finding_html(verdict, letters))
 
     def variants(self) -> None:
         table = variant_table(self.study)

@@ -98,16 +98,25 @@ def study_verdict(study: Study) -> Verdict | None:
     return judge(Finding.from_dict(study.finding), study.trials) if study.finding else None
 
 
-def finding_markdown(verdict: Verdict) -> str:
+def letters_of(study: Study, verdict: Verdict) -> str:
+    """'A = skip_concat=True; B = skip_concat=False': the table's letters of the variants the verdict compared."""
+    variant = dict(zip(study.trials["trial"], label_trials(study.trials)["variant"]))
+    named = {variant[trials[0]]: key for key, trials in verdict.compared.items() if trials and trials[0] in variant}
+    return "; ".join(f"{letter} = {key}" for letter, key in sorted(named.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
+def finding_markdown(verdict: Verdict, letters: str = "") -> str:
     finding = verdict.finding
+    compared = f"\n\nVariants compared: {letters}." if letters else ""
     return (f"**The report's claim** (section {finding.section}): {finding.claim} "
-            f"(judged on {finding.metric}).\n\n**Measured here:** {verdict.measured}.\n\n"
+            f"(judged on {finding.metric}).\n\n**Measured here:** {verdict.measured}.{compared}\n\n"
             f"**Verdict: {verdict.verdict}** (n={verdict.n} seed(s) per variant at least; {verdict.method}).\n")
 
 
-def finding_html(verdict: Verdict) -> str:
+def finding_html(verdict: Verdict, letters: str = "") -> str:
     finding = verdict.finding
+    compared = f"<p>Variants compared: {html.escape(letters)}.</p>" if letters else ""
     return (f"<p><b>The report's claim</b> (section {html.escape(finding.section)}): {html.escape(finding.claim)} "
             f"(judged on <code>{html.escape(finding.metric)}</code>).</p><p><b>Measured here:</b> "
-            f"{html.escape(verdict.measured)}.</p><p><b>Verdict: {html.escape(verdict.verdict)}</b> "
+            f"{html.escape(verdict.measured)}.</p>{compared}<p><b>Verdict: {html.escape(verdict.verdict)}</b> "
             f"(n={verdict.n} seed(s) per variant at least; {html.escape(verdict.method)}).</p>")

@@ -169,6 +169,8 @@ def test_report_opens_with_the_finding_and_gives_error_bars(case, results, verdi
     assert markdown[first:].startswith("## Finding")  # the first section
     assert f"Verdict: {verdict}" in markdown and f"Verdict: {verdict}" in page
     assert "The report's claim** (section II): ResNet at lr 0.05 is best" in markdown
+    assert ("Variants compared: A = model=resnet18, optim/lr=0.05; B = model=resnet18, optim/lr=0.1; "
+            "C = model=vgg16, optim/lr=0.05; D = model=vgg16, optim/lr=0.1.") in markdown
     assert json.loads((study.path / "report" / "finding.json").read_text())["verdict"] == verdict
     table = variant_table(study)
     assert list(table["variant"]) == ["A", "B", "C", "D"] and (table["n"] == 3).all()

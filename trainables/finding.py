@@ -64,11 +64,12 @@ class Verdict:
     measured: str
     method: str
     n: int  # the fewest seeds of a compared variant
+    compared: dict = field(default_factory=dict)  # variant (its settings as text) -> its trials ("trial" column)
 
     def to_dict(self) -> dict:
         return {"claim": self.finding.claim, "section": self.finding.section, "metric": self.finding.metric,
                 "verdict": self.verdict, "measured": self.measured, "method": self.method, "n": self.n,
-                "finding": self.finding.to_dict()}
+                "finding": self.finding.to_dict(), "compared": self.compared}
 
     def text(self) -> str:
         return (f"Finding (report {self.finding.section}): {self.finding.claim}\n"
@@ -115,6 +116,8 @@ def judge(finding: Finding, trials: pd.DataFrame) -> Verdict:
     if len(groups) < 2 or not claimed:
         return Verdict(finding, UNTESTABLE, f"no OK variant with {shown} to compare on {finding.metric} among "
                        f"{len(groups)} variant(s)", METHOD, 0)
+    keys = variant_keys(trials)
+    compared = {k: list(trials.loc[keys.eq(k), "trial"]) for k in groups} if "trial" in trials else {}
     claim = max(claimed, key=lambda k: sign * groups[k].mean)
     top = max(groups, key=lambda k: sign * groups[k].mean)
     n = min(g.n for g in groups.values())
@@ -123,23 +126,23 @@ def judge(finding: Finding, trials: pd.DataFrame) -> Verdict:
         measured = (f"{wanted} by mean is {top}: {groups[top].text()}, vs the report's {claim}: "
                     f"{groups[claim].text()}")
         if gap is None:
-            return Verdict(finding, NOT_SIGNIFICANT, measured + "; n=1: no interval", METHOD, n)
+            return Verdict(finding, NOT_SIGNIFICANT, measured + "; n=1: no interval", METHOD, n, compared)
         measured += f"; best - report's: {gap.text()}"
         beaten = gap.excludes_zero and sign * gap.estimate > 0
-        return Verdict(finding, CONTRADICTED if beaten else NOT_SIGNIFICANT, measured, METHOD, n)
+        return Verdict(finding, CONTRADICTED if beaten else NOT_SIGNIFICANT, measured, METHOD, n, compared)
     others = [k for k in groups if k != claim]
     gaps = {k: welch_interval(groups[claim].values, groups[k].values) for k in others}
     runner_up = max(others, key=lambda k: sign * groups[k].mean)
     measured = (f"{claim} is {wanted} by mean: {groups[claim].text()}; next {runner_up}: "
                 f"{groups[runner_up].text()}")
     if any(gap is None for gap in gaps.values()):
-        return Verdict(finding, NOT_SIGNIFICANT, measured + "; n=1: no interval", METHOD, n)
+        return Verdict(finding, NOT_SIGNIFICANT, measured + "; n=1: no interval", METHOD, n, compared)
     unseparated = [k for k, gap in gaps.items() if not (gap.excludes_zero and sign * gap.estimate > 0)]
     measured += f"; report's - next: {gaps[runner_up].text()}"
     if unseparated:
         measured += f"; not separated from {len(unseparated)} variant(s)"
-        return Verdict(finding, NOT_SIGNIFICANT, measured, METHOD, n)
-    return Verdict(finding, SUPPORTED, measured + f"; separated from all {len(others)} others", METHOD, n)
+        return Verdict(finding, NOT_SIGNIFICANT, measured, METHOD, n, compared)
+    return Verdict(finding, SUPPORTED, measured + f"; separated from all {len(others)} others", METHOD, n, compared)
 
 
 def _judge_trend(finding: Finding, trials: pd.DataFrame) -> Verdict:
