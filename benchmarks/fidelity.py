@@ -9,14 +9,15 @@ per variant, and judges each study's FINDING (``trainables/finding.py``: Welch t
     cls_architectures     digits (1,797 real 8x8 digits at 32x32), 3 epochs of 8 batches of 32
 
 The budgets were set by time alone, before any result was seen, and are never changed to make a claim come
-out: from per-epoch timings on one core (VAE ~5 s an epoch; ResNet18 ~17 and VGG16 ~26 img/s training at
-32x32; U-Net ~7 img/s at 64x64), the 57 trials need about 1,800 core-seconds with Ray's start-ups, so the
-whole script ends in about 15 minutes on 2 idle cores (two trials at a time). Prints a table of claim /
-measured / verdict, writes benchmarks/out/fidelity.json; the last line is ``findings supported: K of N``.
+out. One trial at these budgets took, in CPU seconds of its one thread (measured on a shared machine, so
+about its time on an idle core): VAE 16, ResNet18 72, VGG16 44, U-Net 28. The 57 trials so need about
+1,600 core-seconds, about 1,850 with per-trial and Ray start-up costs: about 16 minutes on 2 idle cores
+(two trials at a time), under the 20 allowed. Prints a table of claim / measured / verdict, writes
+benchmarks/out/fidelity.json; the last line is ``findings supported: K of N``.
 
-    python benchmarks/fidelity.py             # the measurement (about 15 minutes on 2 idle cores)
+    python benchmarks/fidelity.py             # the measurement (about 16 minutes on 2 idle cores)
     python benchmarks/fidelity.py --smoke     # 1 epoch, 2 seeds, a few batches: checks the code path only
-    python benchmarks/fidelity.py --only vae_lr --pretrained
+    python benchmarks/fidelity.py --only seg_class_weights --pretrained   # weights in $TORCH_HOME
 """
 from __future__ import annotations
 
