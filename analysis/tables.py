@@ -1,7 +1,7 @@
 """The report's Table I for any study: a row per trial, the hyperparameters that vary, the final metrics.
 
 Trials get letters like the report's models A, B, C: one letter per *variant* (a distinct setting of the
-varied hyperparameters, seeds aside), in Tune's grid order; repeated samples of a variant are A.1, A.2.
+varied hyperparameters, seeds aside), in Tune's grid order; the samples (seeds) of a variant are A.1, A.2.
 """
 from __future__ import annotations
 
