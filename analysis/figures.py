@@ -43,28 +43,38 @@ def class_colors(count: int, segmentation: bool) -> np.ndarray:
     return np.asarray([cmap(i % cmap.N)[:3] for i in range(count)])
 
 
-def learning_curves(curves: pd.DataFrame, legend: dict[str, str], task: str, title: str) -> plt.Figure:
-    """One panel per measure, a line per trial (colour) and per split (train solid, val dashed)."""
+def learning_curves(curves: pd.DataFrame, legend: dict[str, str], task: str, title: str,
+                    groups: dict[str, list[str]] | None = None) -> plt.Figure:
+    """One panel per measure, a colour per trial (or per group of trials: the seeds of a variant, drawn as
+    their mean with a band from their minimum to maximum) and a line style per split (train solid, val dashed)."""
+    groups = groups if groups is not None else {label: [trial] for trial, label in legend.items()}
     panels = {name: [m for m in metrics if m in curves and curves[m].notna().any()]
               for name, metrics in CURVES.get(task, CURVES["classification"]).items()}
     panels = {name: metrics for name, metrics in panels.items() if metrics}
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    palette = plt.get_cmap("tab10" if len(legend) <= 10 else "tab20")
+    palette = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
 
     def colors(i: int):
         return palette(i % palette.N)
 
     for ax, (name, metrics) in zip(axes[0], panels.items()):
-        for i, trial in enumerate(legend):
-            rows = curves[curves["trial"] == trial]
+        for i, trials in enumerate(groups.values()):
+            rows = curves[curves["trial"].isin(trials)]
             for metric, style in zip(metrics, STYLES):
-                ax.plot(rows["epoch"], rows[metric], style, color=colors(i), markersize=3,
-                        marker="o" if len(rows) < 12 else None)
+                by_epoch = rows.groupby("epoch")[metric]
+                mean = by_epoch.mean()
+                ax.plot(mean.index, mean.values, style, color=colors(i), markersize=3,
+                        marker="o" if len(mean) < 12 else None)
+                if len(trials) > 1 and len(mean) > 1:  # the seeds' spread
+                    ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors(i),
+                                    alpha=0.18, linewidth=0)
+                elif len(trials) > 1:  # one epoch: a band would be invisible, a bar shows the same spread
+                    ax.vlines(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors(i), alpha=0.5)
         ax.set(title=name, xlabel="epoch", ylabel=" / ".join(metrics))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    # one entry per trial (its colour), then one per line style (which split)
-    handles = [Line2D([], [], color=colors(i), label=label) for i, label in enumerate(legend.values())]
+    # one entry per trial or variant (its colour), then one per line style (which split)
+    handles = [Line2D([], [], color=colors(i), label=label) for i, label in enumerate(groups)]
     handles += [Line2D([], [], color="0.3", linestyle=style, label=split)
                 for split, style in (("train", "-"), ("val", "--"))]
     figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(handles)),

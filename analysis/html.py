@@ -62,6 +62,10 @@ def write_html(report: Report) -> Path:
         if entry.section != section:
             section = entry.section
             parts.append(f"<h2>{html.escape(section)}</h2>")
+        if entry.html:  # a text entry with its own HTML (the Finding, the variants over seeds)
+            parts.append(entry.html)
+            parts.append(f"<p><em>{html.escape(entry.caption)}</em></p>")
+            continue
         if entry.path.endswith(".md"):
             parts.append(table_html(report.table))
             parts.append(f"<p><em>{html.escape(entry.caption)}</em> Files: <a href='table.csv'>table.csv</a>, "

@@ -54,6 +54,7 @@ class Study:
     base: dict
     trials: pd.DataFrame
     curves: pd.DataFrame
+    finding: dict | None = None  # the report's claim the study tests (study.json), see trainables/finding.py
     _cache: dict = field(default_factory=dict, repr=False)
 
     def trial_dir(self, trial: str) -> Path:
@@ -212,4 +213,4 @@ def load_study(path: str | Path) -> Study:
     trials = fill_defaults(trials, info.get("task", "")).reset_index(drop=True)
     curves = load_curves(path, list(trials["trial"]))
     return Study(path, info.get("name", path.name), info.get("task", ""), metric, mode, info.get("mlflow_uri"),
-                 info.get("base", {}), trials, curves)
+                 info.get("base", {}), trials, curves, info.get("finding"))

@@ -6,6 +6,7 @@ failed are listed in the table only, and trials stopped early (ASHA) give what t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import pandas as pd
 from analysis import embed, figures, images
 from analysis.load import Artifacts, Study
 from analysis.tables import METRICS, best_per_variant, ranked, results_table, short_id, to_markdown, varied_params
+from analysis.variants import (finding_html, finding_markdown, letters_of, study_verdict, variant_html,
+                               variant_markdown, variant_table)
 from trainables.data import dataset_info
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class Entry:
     title: str
     path: str
     caption: str
+    html: str = ""  # the entry's own HTML, for a text entry (.md) other than the results table
 
 
 @dataclass
@@ -49,6 +53,8 @@ class Report:
 def who(row: pd.Series, artifacts: Artifacts | None = None) -> str:
     """'C (trial fd294_00002: optim/name=adam, ...; checkpoint after epoch 2)' for captions."""
     text = f"{row['label']} (trial {short_id(row['trial'])}: {row['setting']}"
+    if not pd.isna(row.get("config/seed")):  # a variant's figures show one of its seeds: name it
+        text += f", seed {int(row['config/seed'])}"
     if artifacts is not None and artifacts.checkpoint is not None:
         text += f"; checkpoint after epoch {artifacts.checkpoint + 1}"
     return text + ")"
@@ -76,8 +82,8 @@ class Builder:
                                      f"({', '.join(self.best['variant'])}); the table lists every trial")
         self._projections: dict[tuple, tuple[np.ndarray, str]] = {}
 
-    def add(self, section: str, title: str, path: Path, caption: str) -> None:
-        self.report.entries.append(Entry(section, title, str(path.relative_to(self.out)), caption))
+    def add(self, section: str, title: str, path: Path, caption: str, html: str = "") -> None:
+        self.report.entries.append(Entry(section, title, str(path.relative_to(self.out)), caption, html))
 
     def picks(self, need: str) -> list[tuple[pd.Series, Artifacts]]:
         """Per variant, its best trial whose last checkpoint holds ``need`` (else the variant is skipped)."""
@@ -101,6 +107,29 @@ class Builder:
                  f"Final metrics of every trial of study {self.study.name} (a row per trial; letters = variants "
                  f"in grid order; ★ = best by {self.study.metric}, {self.study.mode}).")
 
+    def finding(self) -> None:
+        verdict = study_verdict(self.study)
+        if verdict is None:
+            self.report.notes.append("the study states no finding of the report (no FINDING in its script)")
+            return
+        (self.out / "finding.json").write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
+        letters = letters_of(self.study, verdict)
+        (self.out / "finding.md").write_text(finding_markdown(verdict, letters))
+        self.add("Finding", "Finding", self.out / "finding.md",
+                 "The report's claim judged on this study's OK trials. Data: finding.json.",
+                 finding_html(verdict, letters))
+
+    def variants(self) -> None:
+        table = variant_table(self.study)
+        if table.empty:
+            return
+        table.to_csv(self.out / "variants.csv", index=False)
+        (self.out / "variants.md").write_text(variant_markdown(table, self.study))
+        self.add("Variants over seeds", "Variants", self.out / "variants.md",
+                 f"Per variant, the mean ± std over its seeds of every final metric; ★ = best by mean "
+                 f"{self.study.metric}; every other variant's difference to it with a 95% interval. "
+                 "Data: variants.csv.", variant_html(table, self.study))
+
     def curves(self) -> None:
         shown = self.trials[self.trials["status"].eq("OK")].sort_values("label")
         legend = {row["trial"]: f"{row['label']}: {row['setting']}" for _, row in shown.iterrows()}
@@ -109,13 +138,20 @@ class Builder:
             self.report.notes.append("no per-epoch results to plot")
             return
         curves.to_csv(self.out / "curves.csv", index=False)
-        figure = figures.learning_curves(curves, legend, self.study.task, f"{self.study.name}: learning curves")
+        groups = None
+        if shown["variant"].duplicated().any():  # several seeds per variant: one colour and a band per variant
+            groups = {f"{variant}: {rows['setting'].iloc[0]} (n={len(rows)})": list(rows["trial"])
+                      for variant, rows in shown.groupby("variant", sort=False)}
+        figure = figures.learning_curves(curves, legend, self.study.task, f"{self.study.name}: learning curves",
+                                         groups)
         path = figures.save(figure, self.out / "learning_curves.png")
         panels = figures.CURVES.get(self.study.task, figures.CURVES["classification"])
         measures = ", ".join(name for name in panels if name != "loss")
+        spread = ("; a line per variant = the mean over its seeds, band = their min to max" if groups else
+                  "; legend = variant and its hyperparameters")
         self.add("Learning curves", "Learning curves", path,
                  f"Per-epoch loss (train solid, val dashed) and val {measures} of every OK trial of study "
-                 f"{self.study.name}; legend = variant and its hyperparameters. Data: curves.csv.")
+                 f"{self.study.name}{spread}. Data: curves.csv.")
 
     def confusion(self) -> None:
         picks = self.picks("confusion")
@@ -257,7 +293,8 @@ class Builder:
                                   self.feature_maps],
                  "generation": [self.table, self.curves, self.samples, self.embeddings, self.swept]}
         steps = steps.get(self.study.task, [self.table, self.curves])
-        for step in steps:
+        # the page opens with the report's claim and its verdict; the per-variant table follows Table I
+        for step in [self.finding, steps[0], self.variants, *steps[1:]]:
             start = time.perf_counter()
             step()
             self.report.timings[step.__name__] = time.perf_counter() - start

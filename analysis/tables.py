@@ -1,7 +1,7 @@
 """The report's Table I for any study: a row per trial, the hyperparameters that vary, the final metrics.
 
 Trials get letters like the report's models A, B, C: one letter per *variant* (a distinct setting of the
-varied hyperparameters, seeds aside), in Tune's grid order; repeated samples of a variant are A.1, A.2.
+varied hyperparameters, seeds aside), in Tune's grid order; the samples (seeds) of a variant are A.1, A.2.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 import pandas as pd
 
 from analysis.load import Study
+from trainables import stats
 
 METRICS = {
     "classification": ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou"),
@@ -18,7 +19,7 @@ METRICS = {
     "generation": ("train/loss", "val/loss", "val/recon", "val/kl", "val/elbo"),
 }
 RATES = {"val/accuracy", "val/precision", "val/recall", "val/miou"}  # shown as percentages, as Table I
-NOT_A_VARIANT = {"config/seed"}  # repeated samples of one setting differ by seed only
+NOT_A_VARIANT = set(stats.NOT_A_VARIANT)  # samples of one setting differ by seed only (one definition with the verdict)
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
 
 

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 
 from studies.autoscaling import PENDING_TIMEOUT_S
-from trainables import ClassifyConfig, SegmentConfig, TrainConfig, VAEConfig
+from trainables import ClassifyConfig, ConfigError, SegmentConfig, TrainConfig, VAEConfig
 
 # --quick: embedded data, small images, two epochs, so each study ends in minutes on a 2-core laptop.
 # Measured on one core: VGG16 26 img/s and ResNet18 17 img/s at 32x32, U-Net 7 img/s and SegNet 3 img/s
@@ -15,7 +15,7 @@ QUICK = {
                          val_samples=128),
     VAEConfig: dict(dataset="mnist5k", image_size=28, epochs=2, batch_size=64, steps_per_epoch=20),
     SegmentConfig: dict(dataset="shapes", image_size=64, epochs=2, batch_size=8, steps_per_epoch=4,
-                        feature_samples=64),
+                        feature_samples=64, pretrained=False),  # from scratch: nothing to download
 }
 
 
@@ -33,6 +33,7 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--steps-per-epoch", type=int, help="batches per epoch (0 = a full pass)")
     data.add_argument("--num-samples", type=int, help="trials per grid point (grid) or in total (optuna)")
     data.add_argument("--seed", type=int)
+    data.add_argument("--no-pretrained", action="store_true", help="segmentation: train the encoder from scratch")
     res = parser.add_argument_group("resources and cluster")
     res.add_argument("--cpus-per-trial", type=float, default=1.0)
     res.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
@@ -59,6 +60,11 @@ def apply_args(base: TrainConfig, space: dict, args: argparse.Namespace) -> tupl
              "batch_size": args.batch_size, "image_size": args.image_size, "seed": args.seed,
              "steps_per_epoch": args.steps_per_epoch, "download": args.download or None}
     flags = {key: value for key, value in flags.items() if value is not None}
+    if args.no_pretrained:
+        if not hasattr(base, "pretrained"):
+            raise ConfigError(f"--no-pretrained: {type(base).__name__} models always train from scratch; only the "
+                              "segmentation studies start from ImageNet encoders")
+        flags["pretrained"] = False
     if isinstance(base, VAEConfig) and "dataset" in flags and "image_size" not in flags and not args.quick:
         flags["image_size"] = 0  # the VAE takes the new data set's own size (MNIST 28, CIFAR-10 32)
     overrides.update(flags)

@@ -6,14 +6,19 @@ error that names the flag, the value and what would be valid; the runner decides
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
+
+import torch
 
 from studies.autoscaling import (AUTOSCALER_CONFIG, PENDING_TIMEOUT_S, Autoscaler, from_bootstrap,  # noqa: F401
                                  learn, shape)
-from studies.space import grid_size
+from studies.space import grid_size, variants
 from studies.tracking import local_artifact_root
 from trainables import TrainConfig
 from trainables.data import build_dataset
+from vision_models import build_model
+from vision_models.weights import fetch_pretrained
 
 
 KEEP_CHECKPOINTS = 2  # per trial: the newest two, so a crash while writing one leaves the other
@@ -166,3 +171,26 @@ def check_data(config: TrainConfig) -> None:
     for split in ("train", "val"):
         kwargs = {"train_split": config.train_split} if hasattr(config, "train_split") else {}
         build_dataset(config.dataset, split, config.data_root, config.image_size, download=config.download, **kwargs)
+
+
+def check_weights(base: TrainConfig, space: dict) -> list[str]:
+    """Find (or download, once) the ImageNet weights of every pretrained model the study builds, on the driver
+    before Ray starts: offline without the file this fails naming it, and trials then only read the cache.
+    Each model is built once on the meta device from the file, so a wrong or truncated file fails here too.
+    Returns the weight files used."""
+    files: dict[str, str] = {}
+    for values in variants(base, space):
+        config = type(base).from_dict(values)
+        kwargs = config.model_kwargs()
+        if not kwargs.get("pretrained") or config.model in files:
+            continue
+        files[config.model] = fetch_pretrained(config.model, fix="pass --no-pretrained to train from scratch")
+        try:  # keys and shapes checked against the file on the meta device: no memory, no copies
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "copying ... to a meta parameter is a no-op"
+                build_model(config.model, **kwargs)
+        except (RuntimeError, OSError, KeyError) as err:
+            raise RuntimeError(f"{files[config.model]} does not hold {config.model}'s ImageNet weights "
+                               f"({str(err)[:300]}...); delete it to download it again, or pass --no-pretrained"
+                               ) from err
+    return list(files.values())

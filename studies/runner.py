@@ -20,11 +20,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from studies.cli import apply_args, build_parser
 from studies.preflight import (KEEP_CHECKPOINTS, Autoscaler, PendingClock, PendingTimeoutError,  # noqa: F401
-                               ResourceError, StorageError, check_data, check_disk, check_resources, learn,
-                               pending_timeout_message, trial_count)
-from studies.space import check_space, is_grid, largest_state, merge_space
+                               ResourceError, StorageError, check_data, check_disk, check_resources, check_weights,
+                               learn, pending_timeout_message, trial_count)
+from studies.space import check_space, is_grid, largest_state, merge_space, sample_seed, seed_samples
 from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
-from trainables import TrainConfig, trainable_for
+from trainables import Finding, TrainConfig, trainable_for
+from trainables.finding import judge
 
 log = logging.getLogger("vision_tune")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
@@ -117,6 +118,23 @@ def to_choices(space: dict) -> dict:
             else to_choices(value) if isinstance(value, dict) else value for key, value in space.items()}
 
 
+class SeededOptunaSearch(OptunaSearch):
+    """Optuna whose n-th proposed trial trains with ``sample_seed(base_seed, n)``: every trial its own seed,
+    the same sequence for the same command. The counter is pickled with the searcher's state (OptunaSearch
+    saves its ``__dict__``), so a resumed study continues the sequence instead of repeating it."""
+
+    def __init__(self, base_seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._base_seed, self._suggested = base_seed, 0
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):  # not None (wait) nor Searcher.FINISHED
+            config = {**config, "seed": sample_seed(self._base_seed, self._suggested)}
+            self._suggested += 1
+        return config
+
+
 def _trainable(base: TrainConfig, args):
     return tune.with_resources(trainable_for(base), {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 
@@ -136,8 +154,10 @@ def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: st
     search_alg, samples = None, (args.num_samples or 1)
     if args.search == "optuna":
         param_space = to_choices(param_space)
-        search_alg = OptunaSearch(seed=base.seed)
+        search_alg = SeededOptunaSearch(base.seed, seed=base.seed)
         samples = trial_count(args, space, default_samples)
+    else:
+        param_space, samples = seed_samples(param_space, base.seed, samples)
     scheduler = None
     if args.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
@@ -178,10 +198,11 @@ def varied_columns(table: pd.DataFrame) -> list[str]:
 
 def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str, *,
               argv: list[str] | None = None, num_samples: int | None = None, doc: str | None = None,
-              default_args: list[str] | None = None) -> pd.DataFrame:
+              default_args: list[str] | None = None, finding: Finding | None = None) -> pd.DataFrame:
     """Run (or resume) study ``name``: BASE + SPACE as trials on Ray Tune, logged to MLflow.
 
     ``default_args`` are the study's own defaults for CLI flags (e.g. Optuna + ASHA); the user's flags win.
+    ``finding`` is the report's claim the study tests: judged at the end, printed and written to finding.json.
     """
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(name, doc).parse_args([*(default_args or []), *argv])
@@ -199,6 +220,7 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
                                   "--overwrite to start over, or another --storage")
         shutil.rmtree(study_dir)
     check_data(base)
+    check_weights(base, space)  # found or downloaded once here, before Ray: trials only read the cache
     if not args.resume:
         check_disk(largest_state(base, space), trial_count(args, space, num_samples), storage, uri)
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
@@ -218,7 +240,8 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
             tuner = _make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples)
         write_file(f"{study_dir}/study.json", json.dumps(
             {"name": name, "task": base.TASK, "metric": metric, "mode": mode, "mlflow_uri": uri,
-             "base": base.to_dict(), "argv": sys.argv}, indent=2, default=str))
+             "base": base.to_dict(), "argv": sys.argv, "finding": finding.to_dict() if finding else None},
+            indent=2, default=str))
         results = tuner.fit()
     finally:
         if started:
@@ -226,7 +249,16 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
     table = summarize(results, metric, mode)
     write_file(f"{study_dir}/trials.csv", table.to_csv(index=False))
     _print_summary(table, name, study_dir, uri, metric)
+    if finding is not None and not table.empty:
+        _report_finding(finding, table, study_dir)
     return table
+
+
+def _report_finding(finding: Finding, table: pd.DataFrame, study_dir: str) -> None:
+    """The report's claim judged on this study's trials: printed, and kept as finding.json for analysis."""
+    verdict = judge(finding, table)
+    write_file(f"{study_dir}/finding.json", json.dumps(verdict.to_dict(), indent=2, default=str))
+    print(f"\n{verdict.text()}\nfinding: {study_dir}/finding.json")
 
 
 def write_file(path: str, text: str) -> None:

@@ -10,6 +10,8 @@ import itertools
 import math
 from typing import Any
 
+import numpy as np
+
 from trainables import ConfigError, OptimConfig, TrainConfig
 from trainables.tune_io import state_bytes
 
@@ -33,6 +35,27 @@ def merge_space(base: dict, space: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def sample_seed(base_seed: int, index: int) -> int:
+    """The training seed of sample ``index``: sample 0 keeps the base seed (a one-sample study trains as
+    configured); later ones hash (base, index) with numpy's SeedSequence, so that the samples of base seeds
+    0 and 1 do not overlap as ``base + index`` would. 31 bits: valid for torch, numpy and Python alike."""
+    if index == 0:
+        return base_seed
+    return int(np.random.SeedSequence([base_seed, index]).generate_state(1)[0] >> 1)
+
+
+def seed_samples(param_space: dict, base_seed: int, samples: int) -> tuple[dict, int]:
+    """Repeated samples of a grid point with distinct seeds: Tune's ``num_samples`` would repeat each point
+    with the same config, so the same seed (identical runs on a CPU). The samples become a grid dimension
+    over derived seeds instead, which keeps the trial count; returns (param space, Tune's num_samples).
+    A space that varies ``seed`` itself is left as it is."""
+    searched = param_space.get("seed")
+    if samples <= 1 or is_grid(searched) or is_domain(searched):
+        return param_space, samples
+    seeds = [sample_seed(base_seed, index) for index in range(samples)]
+    return {**param_space, "seed": {"grid_search": seeds}}, 1
 
 
 def _check_keys(base: TrainConfig, space: dict) -> None:

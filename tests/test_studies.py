@@ -74,6 +74,9 @@ def test_study_runs_end_to_end_with_quick(script, tmp_path, study_env):
     assert len(table) == TRIALS[script] and (table["status"] == "OK").all()
     client, runs = mlflow_runs(tmp_path, script)
     assert len(runs) == TRIALS[script]
+    if script == "seg_search":  # Optuna: every trial its own seed, the one MLflow records
+        assert table["config/seed"].nunique() == len(table)
+        assert sorted(int(run.data.params["seed"]) for run in runs) == sorted(table["config/seed"])
     for run in runs:
         assert run.info.status == "FINISHED"
         assert "optim/lr" in run.data.params and "model" in run.data.params

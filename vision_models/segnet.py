@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_BN_Weights
 
 from vision_models.layers import conv_bn_relu, init_weights
 from vision_models.sizes import SizeRule
 from vision_models.vgg import vgg16_bn_features
-from vision_models.weights import load_prefixed, torchvision_state_dict
+from vision_models.weights import PRETRAINED, load_prefixed, torchvision_state_dict
 
 # Decoder block i mirrors encoder block 6-i: (input width, output width, convs).
 DECODER_BLOCKS = ((512, 512, 3), (512, 256, 3), (256, 128, 3), (128, 64, 2), (64, 64, 2))
@@ -51,7 +50,7 @@ class SegNet(nn.Module):
             if in_channels != 3:
                 raise ValueError(f"segnet_vgg16(pretrained=True) needs in_channels=3 (ImageNet RGB); "
                                  f"got {in_channels}")
-            state = torchvision_state_dict(VGG16_BN_Weights.IMAGENET1K_V1, "segnet_vgg16")
+            state = torchvision_state_dict(PRETRAINED["segnet_vgg16"], "segnet_vgg16")
             load_prefixed(self.features, state, prefix="features.")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

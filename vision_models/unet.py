@@ -4,12 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet50_Weights
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from vision_models.layers import conv_bn_relu, init_weights
 from vision_models.sizes import SizeRule
-from vision_models.weights import load_prefixed, torchvision_state_dict
+from vision_models.weights import PRETRAINED, load_prefixed, torchvision_state_dict
 
 STOPS = {"layer2": 8, "layer3": 16}  # encoder_stop -> output stride
 SKIP_CHANNELS = {8: 512, 4: 256, 2: 64}  # stride -> channels of the encoder feature there (layer2, layer1, stem)
@@ -72,7 +71,7 @@ class UNetResNet50(nn.Module):
         self.skip_concat = skip_concat
         self.encoder = ResNet50Encoder(encoder_stop)
         if pretrained:
-            state = torchvision_state_dict(ResNet50_Weights.IMAGENET1K_V2, "unet_resnet50")
+            state = torchvision_state_dict(PRETRAINED["unet_resnet50"], "unet_resnet50")
             load_prefixed(self.encoder, state)
         stride = STOPS[encoder_stop]
         channels = 1024 if encoder_stop == "layer3" else 512
