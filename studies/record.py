@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import os
 import shlex
 import socket
+from pathlib import Path
 
 from studies.errors import UsageError
 from studies.space import describe
 from trainables import TrainConfig
+from trainables.tune_state import SNAPSHOT_GLOB, parse_snapshot
 
 # flags a resume applies (new value wins, recorded in the invocation), as (argparse dest, flag)
 APPLIED = (("mlflow_uri", "--mlflow-uri"), ("max_failures", "--max-failures"), ("cpus_per_trial", "--cpus-per-trial"),
@@ -85,10 +88,10 @@ def check_resume(recorded: dict | None, new: dict, study_dir: str) -> None:
     changed = differences(recorded, new)
     if changed:
         first = (recorded.get("invocations") or [{"argv": recorded.get("argv", [])}])[0].get("argv") or []
-        hint = f"; resume with the study's own flags: {resume_command(first)}" if first else ""
+        hint = f"\nresume with the study's own flags: {resume_command(first)}" if first else ""
         raise UsageError(f"--resume would change the study in {study_dir}: " + "; ".join(changed) +
-                         f". Only {', '.join(f for _, f in APPLIED)} may change on resume{hint}; to run the new "
-                         "settings, start another study (--storage elsewhere) or --overwrite this one")
+                         f". Only {', '.join(f for _, f in APPLIED)} may change on resume; to run the new settings, "
+                         f"start another study (--storage elsewhere) or --overwrite this one{hint}")
 
 
 def updated(recorded: dict | None, new: dict, entry: dict) -> dict:
@@ -98,3 +101,38 @@ def updated(recorded: dict | None, new: dict, entry: dict) -> dict:
         history.append({"argv": recorded["argv"], "mlflow_uri": recorded.get("mlflow_uri"), "state": "unknown"})
     return {**new, "mlflow_uri": entry["mlflow_uri"], "argv": entry["argv"],
             "state": entry["state"], "invocations": [*history, entry]}
+
+
+def write_file(path: str, text: str) -> None:
+    """Write beside Tune's results, on a local disk or in S3/GCS alike (pyarrow, as Tune itself)."""
+    from pyarrow import fs
+
+    filesystem, fs_path = fs.FileSystem.from_uri(path if "://" in path else Path(path).resolve().as_uri())
+    filesystem.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(fs_path) as stream:
+        stream.write(text.encode())
+
+
+def read_record(study_dir: str) -> dict | None:
+    """The study's study.json, or None when the folder holds no study."""
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(f"{study_dir}/study.json" if "://" in study_dir
+                                              else Path(study_dir, "study.json").as_uri())
+    if filesystem.get_file_info(path).type != fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
+
+
+def snapshot_statuses(study_dir: str) -> dict[str, str]:
+    """Trial folder -> status in Tune's newest experiment snapshot (see ``trainables/tune_state.py``)."""
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(study_dir if "://" in study_dir else Path(study_dir).as_uri())
+    found = sorted(info.path for info in filesystem.get_file_info(fs.FileSelector(path))
+                   if fnmatch.fnmatch(info.base_name, SNAPSHOT_GLOB))
+    if not found:
+        return {}
+    with filesystem.open_input_stream(found[-1]) as stream:
+        return parse_snapshot(stream.read().decode())

@@ -5,7 +5,6 @@ It owns the CLI, Ray and MLflow set-up, the checks that must fail before any tri
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import shutil
@@ -23,12 +22,13 @@ from studies.errors import StudyInterrupted, cli_errors, flag_for_config_error
 from studies.interrupts import stop_signals
 from studies.preflight import (KEEP_CHECKPOINTS, ResourceError, StorageError, check_data, check_disk,  # noqa: F401
                                check_resources, trial_count)
-from studies.record import applied_changes, check_resume, definition, invocation, now, resume_command, updated
+from studies.record import (applied_changes, check_resume, definition, invocation, now, read_record, resume_command,
+                            snapshot_statuses, updated, write_file)
 from studies.space import check_space, is_grid, largest_state, merge_space
 from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
 from studies.validate import check_args
 from trainables import ConfigError, TrainConfig, trainable_for
-from trainables.tune_state import SNAPSHOT_GLOB, outcome, parse_snapshot
+from trainables.tune_state import outcome
 
 log = logging.getLogger("vision_tune")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
@@ -235,7 +235,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     entry.update(state="interrupted" if stop.signum else "finished", ended=now())
     record["state"] = entry["state"]
     write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
-    _print_summary(table, name, study_dir, uri, metric)
+    _print_summary(table, name, study_dir, uri, metric, study["trials"])
     if stop.signum:
         raise StudyInterrupted(stop.signum, resume_command(entry["argv"]), table)
     return table
@@ -275,49 +275,16 @@ def _after_failure(study_dir: str, fresh_local: bool, err: BaseException) -> boo
     return False
 
 
-def snapshot_statuses(study_dir: str) -> dict[str, str]:
-    """Trial folder -> status in Tune's newest experiment snapshot (see ``trainables/tune_state.py``)."""
-    from pyarrow import fs
-
-    filesystem, path = fs.FileSystem.from_uri(study_dir if "://" in study_dir else Path(study_dir).as_uri())
-    found = sorted(info.path for info in filesystem.get_file_info(fs.FileSelector(path))
-                   if fnmatch.fnmatch(info.base_name, SNAPSHOT_GLOB))
-    if not found:
-        return {}
-    with filesystem.open_input_stream(found[-1]) as stream:
-        return parse_snapshot(stream.read().decode())
-
-
-def read_record(study_dir: str) -> dict | None:
-    """The study's study.json, or None when the folder holds no study."""
-    from pyarrow import fs
-
-    filesystem, path = fs.FileSystem.from_uri(f"{study_dir}/study.json" if "://" in study_dir
-                                              else Path(study_dir, "study.json").as_uri())
-    if filesystem.get_file_info(path).type != fs.FileType.File:
-        return None
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode())
-
-
-def write_file(path: str, text: str) -> None:
-    """Write beside Tune's results, on a local disk or in S3/GCS alike (pyarrow, as Tune itself)."""
-    from pyarrow import fs
-
-    filesystem, fs_path = fs.FileSystem.from_uri(path if "://" in path else Path(path).resolve().as_uri())
-    filesystem.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(fs_path) as stream:
-        stream.write(text.encode())
-
-
-def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str) -> None:
+def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int) -> None:
     shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
-    unfinished = table[table["status"].isin(("INTERRUPTED", "NOT_STARTED"))]
-    state = f", INCOMPLETE: {len(unfinished)} unfinished" if len(unfinished) else ""
+    unfinished = len(table[table["status"].isin(("INTERRUPTED", "NOT_STARTED"))]) + max(0, expected - len(table))
+    state = f", INCOMPLETE: {unfinished} of {max(expected, len(table))} unfinished" if unfinished else ""
     print(f"\n=== {name}: {len(table)} trial(s){state}, sorted by {metric} ===")
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for _, failed in table[table["status"] == "ERROR"].iterrows():
         print(f"ERROR {failed['trial']}: {failed.get('error', '')[:400]}")
+    if expected > len(table):  # Tune creates a grid's trials as slots free up: the rest were never created
+        print(f"({expected - len(table)} more trial(s) not created yet: the resume runs them)")
     print(f"\ntable: {study_dir}/trials.csv")
     best = table[table["status"] == "OK"]
     if not best.empty:
