@@ -53,9 +53,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the study in "
                          "--storage, --overwrite deletes it first; pass one")
-    if args.scheduler == "asha" and args.epochs == 1:
-        raise UsageError("--scheduler asha with --epochs 1: ASHA stops trials between epochs, so it needs "
-                         "--epochs >= 2 (or --scheduler fifo)")
+    if args.data_root and Path(args.data_root).expanduser().is_file():
+        raise UsageError(f"--data-root {args.data_root}: is a file; pass the folder that holds the data sets "
+                         "(see README, 'Real data')")
     check_address(args.address)
     check_storage(args.storage)
     check_mlflow_uri(args.mlflow_uri)
