@@ -5,7 +5,8 @@ experiment state and returns a ResultGrid as if the study had ended, with no sig
 SIGTERM (``kill``, Kubernetes, Slurm) it leaves to Python's default, which ends the driver before
 ``ray.shutdown()`` and leaves Ray's processes behind. So both signals come here: we record which one
 arrived and, inside ``fit()``, hand it to Tune's own stop handler (the one on SIGUSR1); outside it, or the
-second time, we raise ``Stopped`` so that the runner's ``finally`` still shuts Ray down.
+second time, we raise ``Stopped`` so that the runner's ``finally`` still shuts Ray down. The runner calls
+``install`` again after ``ray.init``, which replaces the driver's SIGTERM handler with its own.
 """
 from __future__ import annotations
 
@@ -48,9 +49,16 @@ class StopSignals:
             return
         raise Stopped(signum)
 
+    def install(self) -> None:
+        """(Again) make ``handle`` the process's handler: ``ray.init`` puts a C++ failure handler on SIGTERM in
+        the driver, which prints a stack and aborts (-6) without Python ever seeing the signal."""
+        for sig in SIGNALS:
+            signal.signal(sig, self.handle)
+
     @contextmanager
     def fitting(self) -> Iterator[None]:
         """Around ``tuner.fit()``: signals go to Tune's stop handler, which is removed again afterwards."""
+        self.install()
         before = signal.getsignal(TUNE_STOP) if TUNE_STOP else None
         self.in_fit = True
         try:
@@ -68,14 +76,15 @@ def stop_signals() -> Iterator[StopSignals]:
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
-    previous = {sig: signal.signal(sig, state.handle) for sig in SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    state.install()
     env_before = os.environ.get(_TUNE_SIGINT)
     os.environ[_TUNE_SIGINT] = "1"
     try:
         yield state
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: one set outside Python
         if env_before is None:
             os.environ.pop(_TUNE_SIGINT, None)
         else:

@@ -207,6 +207,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
 
     with stop_signals() as stop:
         started = _start_ray(args.address)
+        stop.install()  # after ray.init, whose C++ handler would turn SIGTERM into an abort
         try:
             check_resources(ray.nodes(), args.cpus_per_trial, args.gpus_per_trial)
             if args.resume:
