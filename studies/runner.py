@@ -220,6 +220,8 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
             with stop.fitting():
                 results = tuner.fit()
         except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):  # a second signal: Tune did not get to stop the trials
+                _quietly(tracker.kill_unfinished)
             if not _after_failure(study_dir, fresh and local, err) and entry in record.get("invocations", []):
                 state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 entry.update(state=state, ended=now(), error=str(err)[:500])
@@ -265,6 +267,14 @@ class ApplyResources(tune.Callback):
             if trial.status in ("PENDING", "PAUSED") and trial.placement_group_factory.required_resources != {
                     k: v for k, v in self.wanted.items() if v}:
                 trial.update_resources({"cpu": self.wanted["CPU"], "gpu": self.wanted["GPU"]})
+
+
+def _quietly(work) -> None:
+    """Best-effort clean-up on the way out of a failure: its own error must not hide the one being raised."""
+    try:
+        work()
+    except Exception:  # noqa: BLE001
+        log.debug("clean-up failed", exc_info=True)
 
 
 def _after_failure(study_dir: str, fresh_local: bool, err: BaseException) -> bool:

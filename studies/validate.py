@@ -56,7 +56,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data_root and Path(args.data_root).expanduser().is_file():
         raise UsageError(f"--data-root {args.data_root}: is a file; pass the folder that holds the data sets "
                          "(see README, 'Real data')")
-    check_address(args.address)
+    check_address(args.address or os.environ.get("RAY_ADDRESS"), "--address" if args.address else "RAY_ADDRESS")
     check_storage(args.storage)
     check_mlflow_uri(args.mlflow_uri)
 
@@ -70,18 +70,19 @@ def _connect(host: str, port: int) -> str | None:
         return err.strerror or type(err).__name__
 
 
-def check_address(address: str | None) -> None:
-    """A Ray address that nothing answers makes ``ray.init`` wait without end: try a TCP connect first."""
+def check_address(address: str | None, flag: str = "--address") -> None:
+    """A Ray address that nothing answers makes ``ray.init`` wait without end: try a TCP connect first (``flag``:
+    how the user gave it, the flag or the RAY_ADDRESS variable that ``ray.init`` reads when the flag is absent)."""
     if address in (None, "", "auto", "local"):
         return
     target = address[len("ray://"):] if address.startswith("ray://") else address
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--address {address}: expected HOST:PORT of the Ray head's GCS (e.g. 10.0.0.1:6379, "
+        raise UsageError(f"{flag} {address}: expected HOST:PORT of the Ray head's GCS (e.g. 10.0.0.1:6379, "
                          "as 'ray status' prints it), ray://HOST:10001, 'auto', or nothing to start a local Ray")
     why = _connect(host.strip("[]"), int(port))
     if why:
-        raise UsageError(f"--address {address}: no Ray head answers there ({why} within {CONNECT_TIMEOUT_S:g} s); "
+        raise UsageError(f"{flag} {address}: no Ray head answers there ({why} within {CONNECT_TIMEOUT_S:g} s); "
                          "start one with 'ray start --head --port PORT', pass the address 'ray status' prints, "
                          "or drop --address to start a local Ray")
 

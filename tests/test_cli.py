@@ -185,3 +185,11 @@ def test_stop_signals_hand_the_first_to_tunes_handler_and_raise_on_the_second():
                 os.kill(os.getpid(), signal.SIGINT)  # the second one does not wait
         assert signal.getsignal(TUNE_STOP) is before  # Tune's stale handler is not left behind
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") is None
+
+
+def test_an_unreachable_ray_address_from_the_environment_is_named_as_such(tmp_path, monkeypatch, capsys):
+    port = _free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # ray.init reads it when --address is absent
+    code, err = _cli(monkeypatch, capsys, tmp_path)
+    assert code == 2 and err.startswith(f"error: RAY_ADDRESS 127.0.0.1:{port}: no Ray head answers there")
+    assert not ray.is_initialized()

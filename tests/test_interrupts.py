@@ -19,7 +19,7 @@ from analysis.load import load_study
 from analysis.tables import ranked
 from conftest import study_command
 
-EPOCHS = 3
+EPOCHS = 2
 TRIALS = 5  # vae_lr's learning rates
 
 
@@ -100,6 +100,7 @@ def test_interrupted_study_is_recorded_honestly_and_resume_runs_each_trial_once(
     reported = _reports(study)
     driver = _start(resume, tmp_path, study_env, "sigterm")
     _wait_for(lambda: _reports(study) > reported, driver, "the resumed study reported an epoch")
+    assert load_study(study).state == "running"  # python -m analysis now says so, instead of "complete"
     ray_processes = [p for p in psutil.process_iter() if _in_session(p, driver.pid)]
     assert len(ray_processes) > 2, "expected the driver, Ray's GCS/raylet and workers"
     driver.send_signal(signal.SIGTERM)
@@ -165,3 +166,41 @@ def _answers(port: int) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def _hand_study(tmp_path: Path, pid: int) -> Path:
+    """A vae_lr folder as Tune leaves it mid-study: one trial finished, one running, one not created yet, and a
+    stale trials.csv from an earlier interrupted invocation."""
+    study = tmp_path / "vae_lr"
+    for index, epochs in ((0, 2), (1, 1)):
+        trial = study / f"train_vae_abc_0000{index}"
+        trial.mkdir(parents=True)
+        (trial / "params.json").write_text(json.dumps({"optim": {"lr": 10.0 ** -index}, "epochs": 2}))
+        (trial / "result.json").write_text("".join(json.dumps({"epoch": e, "training_iteration": e,
+                                                               "val/loss": 1.0 / e}) + "\n" for e in range(1, epochs + 1)))
+    states = {"train_vae_abc_00000": "TERMINATED", "train_vae_abc_00001": "RUNNING", "train_vae_abc_00002": "PENDING"}
+    (study / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": name[-9:], "relative_logdir": name, "status": status}), "{}"]
+        for name, status in states.items()]}))
+    pd.DataFrame([{"trial": "train_vae_abc_00000", "status": "INTERRUPTED", "epoch": 1}]).to_csv(study / "trials.csv")
+    (study / "study.json").write_text(json.dumps({
+        "name": "vae_lr", "task": "generation", "metric": "val/loss", "mode": "min", "state": "running",
+        "invocations": [{"state": "interrupted"}, {"state": "running", "host": socket.gethostname(), "pid": pid}]}))
+    return study
+
+
+def test_analysis_of_a_running_study_says_so_and_ranks_only_finished_trials(tmp_path):
+    study = load_study(_hand_study(tmp_path, os.getpid()))  # this process stands for the live driver
+    assert study.state == "running" and not study.complete
+    assert dict(zip(study.trials["trial"], study.trials["status"])) == {
+        "train_vae_abc_00000": "OK", "train_vae_abc_00001": "RUNNING", "train_vae_abc_00002": "PENDING"}
+    pending = study.trials.set_index("trial").loc["train_vae_abc_00002"]
+    assert pending.filter(like="config/").isna().all()  # no invented config for a trial that never ran
+    assert list(ranked(study)["rank"].fillna(0)) == [1, 0, 0]
+    study.rankable = ("OK", "RUNNING")  # --include-unfinished
+    assert ranked(study)["rank"].notna().sum() == 2
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = load_study(_hand_study(tmp_path / "killed", int(gone.stdout)))  # its driver no longer exists
+    assert killed.state == "killed"
+    assert list(killed.trials["status"]) == ["OK", "INTERRUPTED", "NOT_STARTED"]
