@@ -186,6 +186,8 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
             raise FileNotFoundError(f"--resume: no Tune state to resume in {study_dir} (the study stopped before "
                                     "its first snapshot); start it again with --overwrite")
         uri = uri if args.mlflow_uri else recorded.get("mlflow_uri") or uri  # the study's own, unless moved
+        if recorded.get("state") == "finished":
+            log.info("%s had finished: --resume reruns nothing and prints its table again", study_dir)
     elif recorded is not None and not args.overwrite:
         raise FileExistsError(f"--storage {args.storage}: {study_dir} already holds a study: pass --resume to "
                               "continue it, --overwrite to start over, or another --storage")
@@ -250,23 +252,26 @@ def _apply_on_resume(tuner, tracker: StudyTracker, args) -> None:
     setter; ``_local_tuner`` is where ``fit`` reads them)."""
     run_config = tuner._local_tuner.get_run_config()
     run_config.callbacks = [MLflowCallback(tracker) if isinstance(c, MLflowCallback) else c
-                            for c in run_config.callbacks or [] if not isinstance(c, ApplyResources)]
-    run_config.callbacks.append(ApplyResources(args.cpus_per_trial, args.gpus_per_trial))
+                            for c in run_config.callbacks or [] if not isinstance(c, ApplyOnResume)]
+    run_config.callbacks.append(ApplyOnResume(args.cpus_per_trial, args.gpus_per_trial, args.max_failures))
     run_config.failure_config = tune.FailureConfig(max_failures=args.max_failures)
 
 
-class ApplyResources(tune.Callback):
-    """On resume, trials restored from the snapshot keep the resources they were created with: give the ones
-    not running yet the new --cpus-per-trial / --gpus-per-trial."""
+class ApplyOnResume(tune.Callback):
+    """Trials restored from the snapshot keep the resources and retry budget they were created with: give the
+    ones not running yet the new --cpus-per-trial / --gpus-per-trial and --max-failures."""
 
-    def __init__(self, cpus: float, gpus: float) -> None:
-        self.wanted = {"CPU": cpus, "GPU": gpus}
+    def __init__(self, cpus: float, gpus: float, max_failures: int) -> None:
+        self.resources = {"CPU": cpus, "GPU": gpus}
+        self.max_failures = max_failures
 
     def on_step_begin(self, iteration, trials, **info) -> None:
+        wanted = {kind: amount for kind, amount in self.resources.items() if amount}
         for trial in trials:
-            if trial.status in ("PENDING", "PAUSED") and trial.placement_group_factory.required_resources != {
-                    k: v for k, v in self.wanted.items() if v}:
-                trial.update_resources({"cpu": self.wanted["CPU"], "gpu": self.wanted["GPU"]})
+            if trial.status in ("PENDING", "PAUSED"):
+                trial.max_failures = self.max_failures
+                if trial.placement_group_factory.required_resources != wanted:
+                    trial.update_resources({"cpu": self.resources["CPU"], "gpu": self.resources["GPU"]})
 
 
 def _quietly(work) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shlex
 import signal
 import socket
@@ -31,6 +32,12 @@ def _snapshot(study: Path) -> dict[str, str]:
         return parse_snapshot(sorted(study.glob("experiment_state-*.json"))[-1].read_text())
     except (IndexError, ValueError, OSError):
         return {}
+
+
+def _trial_states(study: Path) -> list[dict]:
+    """Tune's own record of each trial in the newest snapshot (resources, retries, status)."""
+    snapshot = json.loads(sorted(study.glob("experiment_state-*.json"))[-1].read_text())
+    return [json.loads(state) for state, _ in snapshot["trial_data"]]
 
 
 def _reports(study: Path) -> int:
@@ -109,7 +116,8 @@ def test_interrupted_study_is_recorded_honestly_and_resume_runs_each_trial_once(
     assert not [(p.pid, _name(p)) for p in alive], "Ray processes outlived the driver"
     assert _resume_command((tmp_path / "sigterm.err").read_text()) == resume
 
-    # 3. resume again, now logging through an MLflow server on the same store: the new URI is applied
+    # 3. resume again, now logging through an MLflow server on the same store, with other resources and retries:
+    # all applied (to the trials still to run)
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                                str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{db}"],
@@ -117,8 +125,9 @@ def test_interrupted_study_is_recorded_honestly_and_resume_runs_each_trial_once(
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(lambda: _answers(port), server, "the MLflow server", timeout=120)
-        done = subprocess.run([*resume, "--mlflow-uri", f"http://127.0.0.1:{port}"], cwd=tmp_path, env=study_env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run([*resume, "--mlflow-uri", f"http://127.0.0.1:{port}", "--cpus-per-trial", "0.5",
+                               "--max-failures", "2"], cwd=tmp_path, env=study_env, capture_output=True, text=True,
+                              timeout=600)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
@@ -138,7 +147,12 @@ def test_interrupted_study_is_recorded_honestly_and_resume_runs_each_trial_once(
     record = json.loads((study / "study.json").read_text())
     assert [entry["state"] for entry in record["invocations"]] == ["interrupted", "interrupted", "finished"]
     assert record["mlflow_uri"] == f"http://127.0.0.1:{port}" and record["state"] == "finished"
-    assert record["invocations"][-1]["applied"] == [f"--mlflow-uri 'sqlite:///{db}' -> 'http://127.0.0.1:{port}'"]
+    assert record["invocations"][-1]["applied"] == [f"--mlflow-uri 'sqlite:///{db}' -> 'http://127.0.0.1:{port}'",
+                                                    "--max-failures 0 -> 2", "--cpus-per-trial 1.0 -> 0.5"]
+    resumed = [trial for trial in _trial_states(study) if trial["max_failures"] == 2]
+    assert resumed, "no restored trial got the new --max-failures"
+    assert all(pickle.loads(bytes.fromhex(trial["placement_group_factory"])).required_resources == {"CPU": 0.5}
+               for trial in resumed)
     report = load_study(study)
     assert report.complete and len(report.trials) == TRIALS and (report.trials["status"] == "OK").all()
 
