@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis.load import load_study
@@ -80,6 +81,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_interrupted_study_is_recorded_honestly_and_resume_runs_each_trial_once(tmp_path, study_env):
     study, db = tmp_path / "results" / "vae_lr", tmp_path / "mlflow.db"
     first = study_command("vae_lr", "--quick", "--storage", str(tmp_path / "results"), "--mlflow-uri",
