@@ -52,6 +52,8 @@ class StopSignals:
     def install(self) -> None:
         """(Again) make ``handle`` the process's handler: ``ray.init`` puts a C++ failure handler on SIGTERM in
         the driver, which prints a stack and aborts (-6) without Python ever seeing the signal."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python takes handlers in the main thread only; a study run from a thread keeps the defaults
         for sig in SIGNALS:
             signal.signal(sig, self.handle)
 
@@ -65,7 +67,7 @@ class StopSignals:
             yield
         finally:
             self.in_fit = False
-            if TUNE_STOP and before is not None:
+            if TUNE_STOP and before is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(TUNE_STOP, before)  # Tune leaves its handler behind, with a stale event
 
 

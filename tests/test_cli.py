@@ -193,3 +193,24 @@ def test_an_unreachable_ray_address_from_the_environment_is_named_as_such(tmp_pa
     code, err = _cli(monkeypatch, capsys, tmp_path)
     assert code == 2 and err.startswith(f"error: RAY_ADDRESS 127.0.0.1:{port}: no Ray head answers there")
     assert not ray.is_initialized()
+
+
+def test_a_study_run_from_a_thread_leaves_signals_alone(tmp_path):
+    """Notebooks and services call run_study off the main thread, where Python refuses signal handlers."""
+    import threading
+
+    outcome = []
+
+    def work() -> None:
+        try:
+            with stop_signals() as stop:
+                stop.install()
+                with stop.fitting():
+                    outcome.append(signal.getsignal(signal.SIGTERM))
+        except ValueError as err:  # "signal only works in main thread"
+            outcome.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert outcome == [signal.SIG_DFL]

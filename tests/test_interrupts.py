@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis.load import load_study
+from analysis.progress import describe
 from analysis.tables import ranked
 from conftest import study_command
 
@@ -208,6 +209,8 @@ def _hand_study(tmp_path: Path, pid: int) -> Path:
 def test_analysis_of_a_running_study_says_so_and_ranks_only_finished_trials(tmp_path):
     study = load_study(_hand_study(tmp_path, os.getpid()))  # this process stands for the live driver
     assert study.state == "running" and not study.complete
+    assert describe(study.state, study.trials).startswith(
+        "INCOMPLETE: the study is still running; 2 of 3 trial(s) unfinished (not ranked")
     assert dict(zip(study.trials["trial"], study.trials["status"])) == {
         "train_vae_abc_00000": "OK", "train_vae_abc_00001": "RUNNING", "train_vae_abc_00002": "PENDING"}
     pending = study.trials.set_index("trial").loc["train_vae_abc_00002"]
