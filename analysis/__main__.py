@@ -13,6 +13,7 @@ from pathlib import Path
 
 from analysis.html import write_html, write_markdown
 from analysis.load import load_study
+from analysis.progress import UNFINISHED, describe
 from analysis.publish import log_report
 from analysis.report import build_report
 
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlflow-uri", help="where to log the report run (default: the study's, from study.json)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
     parser.add_argument("--tsne-perplexity", type=float, help="default: min(30, (n - 1) / 3) for n samples")
+    parser.add_argument("--include-unfinished", action="store_true",
+                        help="rank interrupted or running trials too, on their last epoch (default: finished only)")
     return parser.parse_args(argv)
 
 
@@ -43,8 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     ok = int(study.trials["status"].eq("OK").sum())
     progress(f"study {study.name} ({study.task}): {len(study.trials)} trial(s), {ok} OK, selected by "
              f"{study.metric} ({study.mode})")
+    incomplete = None if study.complete else describe(study.state, study.trials)
+    if incomplete:
+        progress(incomplete)
+    if args.include_unfinished:
+        study.rankable = ("OK", *UNFINISHED)
     out = Path(args.out).resolve() if args.out else study.path / "report"
     report = build_report(study, out, args.tsne_perplexity, progress)
+    if incomplete:
+        report.notes.insert(0, incomplete)
     write_markdown(report)
     index = write_html(report)
     for note in report.notes:

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.progress import FINISHED, UNFINISHED, snapshot_statuses, study_state
 from trainables.config import CONFIGS
+from trainables.tune_state import outcome
 
 ARTIFACT_ARRAYS = ("features", "samples", "feature_maps")
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
@@ -56,6 +58,12 @@ class Study:
     curves: pd.DataFrame
     finding: dict | None = None  # the report's claim the study tests (study.json), see trainables/finding.py
     _cache: dict = field(default_factory=dict, repr=False)
+    state: str = FINISHED  # or running, interrupted, failed, killed (analysis/progress.py)
+    rankable: tuple = ("OK",)  # statuses ranked for "best"; --include-unfinished adds the unfinished ones
+
+    @property
+    def complete(self) -> bool:
+        return self.state == FINISHED and not self.trials["status"].isin(UNFINISHED).any()
 
     def trial_dir(self, trial: str) -> Path:
         return self.path / trial
@@ -103,12 +111,14 @@ def config_defaults(task: str) -> dict:
 
 
 def fill_defaults(trials: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Missing config values (NaN in trials.csv) replaced by the value the trial really trained with."""
+    """Missing config values (NaN in trials.csv) replaced by the value the trial really trained with (none for a
+    trial that never started: it trained with nothing)."""
     trials = trials.copy()
+    started = ~trials["status"].isin(("NOT_STARTED", "PENDING")) if "status" in trials else pd.Series(True, trials.index)
     for name, default in config_defaults(task).items():
         column = f"config/{name}"
         if column in trials and default is not None and trials[column].isna().any():
-            filled = trials[column].astype(object).where(trials[column].notna(), default)
+            filled = trials[column].astype(object).where(trials[column].notna() | ~started, default)
             trials[column] = pd.to_numeric(filled) if isinstance(default, (int, float)) else filled
     return trials
 
@@ -139,17 +149,27 @@ def _trial_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and (p / "params.json").is_file())
 
 
-def trials_from_folders(path: Path, metric: str, mode: str) -> pd.DataFrame:
-    """The trials table rebuilt from trial folders, for a study interrupted before it wrote trials.csv."""
-    rows = []
+def trials_from_folders(path: Path, metric: str, mode: str, running: bool = False) -> pd.DataFrame:
+    """The trials table rebuilt from trial folders and Tune's snapshot, for a study that is running or was
+    stopped before it wrote trials.csv: only trials the snapshot records as finished are OK."""
+    rows, statuses = [], snapshot_statuses(path)
     for trial_dir in _trial_dirs(path):
         results = read_results(trial_dir)
         last = results.iloc[-1].to_dict() if not results.empty else {}
         config = json.loads((trial_dir / "params.json").read_text())
         error = (trial_dir / "error.txt").is_file()
-        rows.append({"trial": trial_dir.name, "status": "ERROR" if error or results.empty else "OK",
+        tune_status = statuses.get(trial_dir.name, "") if statuses is not None else ("" if results.empty else None)
+        status = outcome(tune_status, error, len(results))
+        rows.append({"trial": trial_dir.name, "status": status,
                      **{f"config/{k}": v for k, v in flatten(config).items()},
                      **{k: v for k, v in last.items() if "/" in k or k == "epoch"}})
+    folders = {row["trial"] for row in rows}
+    # trials Tune holds that have no folder yet: listed, with no config rather than an invented one
+    rows += [{"trial": name, "status": outcome(status, False, 0)} for name, status in (statuses or {}).items()
+             if name not in folders]
+    if running:  # not cut short: still going, or waiting for a slot
+        for row in rows:
+            row["status"] = {"INTERRUPTED": "RUNNING", "NOT_STARTED": "PENDING"}.get(row["status"], row["status"])
     table = pd.DataFrame(rows)
     if table.empty or metric not in table:
         return table
@@ -204,13 +224,16 @@ def load_study(path: str | Path) -> Study:
                                 "<storage>/<study name>/ as written by 'python studies/NAME.py --storage <storage>')")
     info = json.loads(described.read_text())
     metric, mode = info.get("metric", "val/loss"), info.get("mode", "min")
-    if (path / "trials.csv").is_file():
+    state = study_state(info)
+    # trials.csv is the runner's final word when it ended (finished or interrupted); a running or killed
+    # study's is missing or stale, so the folders and Tune's snapshot tell
+    if (path / "trials.csv").is_file() and state in (FINISHED, "interrupted"):
         trials = pd.read_csv(path / "trials.csv")
     else:
-        trials = trials_from_folders(path, metric, mode)
+        trials = trials_from_folders(path, metric, mode, running=state == "running")
     if trials.empty:
         raise ValueError(f"{path} holds no trials yet (no trials.csv and no trial folders with params.json)")
     trials = fill_defaults(trials, info.get("task", "")).reset_index(drop=True)
     curves = load_curves(path, list(trials["trial"]))
     return Study(path, info.get("name", path.name), info.get("task", ""), metric, mode, info.get("mlflow_uri"),
-                 info.get("base", {}), trials, curves, info.get("finding"))
+                 info.get("base", {}), trials, curves, info.get("finding"), state=state)

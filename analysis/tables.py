@@ -82,7 +82,7 @@ def ranked(study: Study) -> pd.DataFrame:
     """The labelled trials, OK ones ranked by the study's metric (1 = best), ERROR ones unranked."""
     trials = label_trials(study.trials)
     if study.metric in trials:
-        score = trials[study.metric].where(trials["status"].eq("OK"))
+        score = trials[study.metric].where(trials["status"].isin(study.rankable))
     else:  # a study whose every trial failed before its first report
         score = pd.Series(float("nan"), index=trials.index)
     # ties keep trials.csv's order, so the one best row is the runner's "best config"
@@ -139,7 +139,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         rows.append(cells)
     lines = ["| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    errors = table[table["status"].ne("OK")] if "status" in table else table.iloc[:0]
+    errors = table[table["status"].eq("ERROR")] if "status" in table else table.iloc[:0]
     for _, row in errors.iterrows():
         lines.append(f"\n{row['label']} ({short_id(row['trial'])}) failed: {fmt(row.get('error'))}")
     return "\n".join(lines) + "\n"

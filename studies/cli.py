@@ -20,7 +20,8 @@ QUICK = {
 
 
 def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"studies/{name}.py", description=doc,
+    # a short usage line: argparse prints it above every flag error, and the full one is ~15 lines
+    parser = argparse.ArgumentParser(prog=f"studies/{name}.py", description=doc, usage="%(prog)s [flags] (see --help)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and budget")
     data.add_argument("--quick", action="store_true", help="embedded data, small images, 2 epochs (minutes on a CPU)")
@@ -50,6 +51,7 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     track.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage folder")
     track.add_argument("--overwrite", action="store_true", help="start over even if the study folder exists")
     track.add_argument("--max-failures", type=int, default=0, help="retries per trial, from its last checkpoint")
+    track.add_argument("--debug", action="store_true", help="show the traceback of an error (or VISION_TUNE_DEBUG=1)")
     return parser
 
 

@@ -19,13 +19,19 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from studies.cli import apply_args, build_parser
+from studies.errors import StudyInterrupted, cli_errors, flag_for_config_error
+from studies.interrupts import stop_signals
 from studies.preflight import (KEEP_CHECKPOINTS, Autoscaler, PendingClock, PendingTimeoutError,  # noqa: F401
                                ResourceError, StorageError, check_data, check_disk, check_resources, check_weights,
                                learn, pending_timeout_message, trial_count)
+from studies.record import (applied_changes, check_resume, definition, invocation, now, read_record, resume_command,
+                            snapshot_statuses, updated, write_file)
 from studies.space import check_space, is_grid, largest_state, merge_space, sample_seed, seed_samples
 from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
-from trainables import Finding, TrainConfig, trainable_for
+from studies.validate import check_args
+from trainables import ConfigError, Finding, TrainConfig, trainable_for
 from trainables.finding import judge
+from trainables.tune_state import outcome
 
 log = logging.getLogger("vision_tune")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
@@ -174,12 +180,16 @@ def _make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: st
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
-def summarize(results, metric: str, mode: str) -> pd.DataFrame:
-    """One row per trial: the hyperparameters that vary, status, final metrics; best first."""
+def summarize(results, metric: str, mode: str, statuses: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per trial: the hyperparameters that vary, status, final metrics; best first. ``statuses`` (Tune's
+    snapshot, after an interruption) tells finished trials from the ones a stop cut short."""
     rows = []
     for result in results:
         config = flatten(result.config or {})
-        row = {"trial": Path(result.path).name, "status": "ERROR" if result.error else "OK",
+        folder = Path(result.path).name
+        epochs_run = int((result.metrics or {}).get("training_iteration") or 0)
+        status = outcome(None if statuses is None else statuses.get(folder, ""), bool(result.error), epochs_run)
+        row = {"trial": folder, "status": status,
                **{f"config/{k}": v for k, v in config.items()},
                **{k: (result.metrics or {}).get(k) for k in SUMMARY_KEYS}}
         if result.error:
@@ -188,7 +198,11 @@ def summarize(results, metric: str, mode: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table = table.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+    # finished trials first, by the metric: an interrupted trial's last epoch is not its result
+    keys = ["unfinished", *([metric] if metric in table else [])]
+    table = table.assign(unfinished=table["status"].ne("OK")).sort_values(
+        keys, ascending=[True, mode == "min"][:len(keys)], na_position="last", kind="stable")
+    table = table.drop(columns="unfinished")
     return table.dropna(axis=1, how="all").reset_index(drop=True)
 
 
@@ -203,54 +217,103 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
 
     ``default_args`` are the study's own defaults for CLI flags (e.g. Optuna + ASHA); the user's flags win.
     ``finding`` is the report's claim the study tests: judged at the end, printed and written to finding.json.
+    Called from a script (``argv`` left to ``sys.argv``), errors end the process with one line and an exit
+    code (``studies/errors.py``); called with ``argv``, they raise (an interruption as ``StudyInterrupted``).
     """
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is not None:
+        return _run(name, base, space, metric, mode, argv, num_samples, doc, default_args, [f"studies/{name}.py"],
+                    finding)
+    with cli_errors(sys.argv[1:]):
+        return _run(name, base, space, metric, mode, sys.argv[1:], num_samples, doc, default_args, sys.argv[:1], finding)
+
+
+def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv: list[str],
+         num_samples: int | None, doc: str | None, default_args: list[str] | None, script: list[str],
+         finding: Finding | None) -> pd.DataFrame:
     args = build_parser(name, doc).parse_args([*(default_args or []), *argv])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    base, space = apply_args(base, space, args)
-    check_space(base, space)  # unknown keys and invalid values fail here, before Ray starts
-    uri = resolve_uri(args.mlflow_uri)
-    check_reachable(uri)
+    check_args(args)  # every flag's range, and --address/--storage/--mlflow-uri usable: before anything starts
+    try:
+        base, space = apply_args(base, space, args)
+        check_space(base, space)  # unknown keys and invalid values fail here, before Ray starts
+    except ConfigError as err:
+        raise ConfigError(flag_for_config_error(err, vars(args))) from None
     local = "://" not in args.storage
     storage = str(Path(args.storage).expanduser().resolve()) if local else args.storage
     study_dir = f"{storage}/{name}"
-    if not args.resume and local and Path(study_dir).exists():
-        if not args.overwrite:
-            raise FileExistsError(f"{study_dir} already holds a study: pass --resume to continue it, "
-                                  "--overwrite to start over, or another --storage")
-        shutil.rmtree(study_dir)
+    study = definition(name, base, space, metric, mode, args, trial_count(args, space, num_samples))
+    study["finding"] = finding.to_dict() if finding else None  # what analysis judges the study against
+    recorded = read_record(study_dir)
+    uri = resolve_uri(args.mlflow_uri)
+    if args.resume:
+        check_resume(recorded, study, study_dir)
+        if not tune.Tuner.can_restore(study_dir):
+            raise FileNotFoundError(f"--resume: no Tune state to resume in {study_dir} (the study stopped before "
+                                    "its first snapshot); start it again with --overwrite")
+        uri = uri if args.mlflow_uri else recorded.get("mlflow_uri") or uri  # the study's own, unless moved
+        if recorded.get("state") == "finished":
+            log.info("%s had finished: --resume reruns nothing and prints its table again", study_dir)
+    elif recorded is not None and not args.overwrite:
+        raise FileExistsError(f"--storage {args.storage}: {study_dir} already holds a study: pass --resume to "
+                              "continue it, --overwrite to start over, or another --storage")
+    check_reachable(uri)
     check_data(base)
     check_weights(base, space)  # found or downloaded once here, before Ray: trials only read the cache
     if not args.resume:
-        check_disk(largest_state(base, space), trial_count(args, space, num_samples), storage, uri)
+        check_disk(largest_state(base, space), study["trials"], storage, uri)
+        if args.overwrite and local and Path(study_dir).exists():
+            shutil.rmtree(study_dir)  # only now: a refused command must not have cost the old study
+    entry = invocation(args, uri, [*script, *argv])
+    if args.resume:
+        entry["applied"] = applied_changes(recorded, entry)
+        for change in entry["applied"]:
+            log.info("resume applies %s", change)
+    fresh = not args.resume and not (local and Path(study_dir).exists())
+    record: dict = {}
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 
-    started = _start_ray(args.address)
-    try:
-        waiting = check_resources(ray.nodes(), args.cpus_per_trial, args.gpus_per_trial, autoscaler(),
-                                  args.pending_timeout)
-        if waiting:
-            log.warning(waiting)
-        if args.resume:
-            if not tune.Tuner.can_restore(study_dir):
-                raise FileNotFoundError(f"--resume: no study to resume in {study_dir}")
-            tuner = tune.Tuner.restore(study_dir, trainable=_trainable(base, args))
-        else:
-            tuner = _make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples)
-        write_file(f"{study_dir}/study.json", json.dumps(
-            {"name": name, "task": base.TASK, "metric": metric, "mode": mode, "mlflow_uri": uri,
-             "base": base.to_dict(), "argv": sys.argv, "finding": finding.to_dict() if finding else None},
-            indent=2, default=str))
-        results = tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    table = summarize(results, metric, mode)
+    with stop_signals() as stop:
+        started = _start_ray(args.address)
+        stop.install()  # after ray.init, whose C++ handler would turn SIGTERM into an abort
+        try:
+            waiting = check_resources(ray.nodes(), args.cpus_per_trial, args.gpus_per_trial, autoscaler(),
+                                      args.pending_timeout)
+            if waiting:
+                log.warning(waiting)
+            if args.resume:
+                tuner = tune.Tuner.restore(study_dir, trainable=_trainable(base, args))
+                _apply_on_resume(tuner, tracker, args)
+            else:
+                tuner = _make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples)
+            record = updated(recorded, study, entry)
+            write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
+            with stop.fitting():
+                results = tuner.fit()
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):  # a second signal: Tune did not get to stop the trials
+                _quietly(tracker.kill_unfinished)
+            if not _after_failure(study_dir, fresh and local, err) and entry in record.get("invocations", []):
+                state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                entry.update(state=state, ended=now(), error=str(err)[:500])
+                write_file(f"{study_dir}/study.json", json.dumps({**record, "state": state}, indent=2, default=str))
+            raise
+        finally:
+            if started:
+                ray.shutdown()
+    statuses = snapshot_statuses(study_dir) if stop.signum else None
+    table = summarize(results, metric, mode, statuses)
     write_file(f"{study_dir}/trials.csv", table.to_csv(index=False))
-    _print_summary(table, name, study_dir, uri, metric)
+    if stop.signum:
+        tracker.kill_unfinished()
+    entry.update(state="interrupted" if stop.signum else "finished", ended=now())
+    record["state"] = entry["state"]
+    write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
+    _print_summary(table, name, study_dir, uri, metric, study["trials"])
     if finding is not None and not table.empty:
         _report_finding(finding, table, study_dir)
+    if stop.signum:
+        raise StudyInterrupted(stop.signum, resume_command(entry["argv"]), table)
     return table
 
 
@@ -261,26 +324,66 @@ def _report_finding(finding: Finding, table: pd.DataFrame, study_dir: str) -> No
     print(f"\n{verdict.text()}\nfinding: {study_dir}/finding.json")
 
 
-def write_file(path: str, text: str) -> None:
-    """Write beside Tune's results, on a local disk or in S3/GCS alike (pyarrow, as Tune itself)."""
-    from pyarrow import fs
+def _apply_on_resume(tuner, tracker: StudyTracker, args) -> None:
+    """What a resume honours: Tune keeps the first run's callbacks and failure config in its pickled state,
+    so the new MLflow URI, retries and resources are put into the restored run config (Tuner has no public
+    setter; ``_local_tuner`` is where ``fit`` reads them)."""
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks = [MLflowCallback(tracker) if isinstance(c, MLflowCallback) else c
+                            for c in run_config.callbacks or [] if not isinstance(c, ApplyOnResume)]
+    run_config.callbacks.append(ApplyOnResume(args.cpus_per_trial, args.gpus_per_trial, args.max_failures))
+    run_config.failure_config = tune.FailureConfig(max_failures=args.max_failures)
 
-    filesystem, fs_path = fs.FileSystem.from_uri(path if "://" in path else Path(path).resolve().as_uri())
-    filesystem.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(fs_path) as stream:
-        stream.write(text.encode())
+
+class ApplyOnResume(tune.Callback):
+    """Trials restored from the snapshot keep the resources and retry budget they were created with: give the
+    ones not running yet the new --cpus-per-trial / --gpus-per-trial and --max-failures."""
+
+    def __init__(self, cpus: float, gpus: float, max_failures: int) -> None:
+        self.resources = {"CPU": cpus, "GPU": gpus}
+        self.max_failures = max_failures
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        wanted = {kind: amount for kind, amount in self.resources.items() if amount}
+        for trial in trials:
+            if trial.status in ("PENDING", "PAUSED"):
+                trial.max_failures = self.max_failures
+                if trial.placement_group_factory.required_resources != wanted:
+                    trial.update_resources({"cpu": self.resources["CPU"], "gpu": self.resources["GPU"]})
 
 
-def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str) -> None:
+def _quietly(work) -> None:
+    """Best-effort clean-up on the way out of a failure: its own error must not hide the one being raised."""
+    try:
+        work()
+    except Exception:  # noqa: BLE001
+        log.debug("clean-up failed", exc_info=True)
+
+
+def _after_failure(study_dir: str, fresh_local: bool, err: BaseException) -> bool:
+    """A start that failed before any trial reported leaves no folder that would block the corrected command;
+    returns whether it removed the folder."""
+    if fresh_local and not isinstance(err, StudyInterrupted) and not any(Path(study_dir).glob("*/result.json")):
+        shutil.rmtree(study_dir, ignore_errors=True)
+        return True
+    return False
+
+
+def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int) -> None:
     shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
-    print(f"\n=== {name}: {len(table)} trial(s), sorted by {metric} ===")
+    unfinished = len(table[table["status"].isin(("INTERRUPTED", "NOT_STARTED"))]) + max(0, expected - len(table))
+    state = f", INCOMPLETE: {unfinished} of {max(expected, len(table))} unfinished" if unfinished else ""
+    print(f"\n=== {name}: {len(table)} trial(s){state}, sorted by {metric} ===")
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for _, failed in table[table["status"] == "ERROR"].iterrows():
         print(f"ERROR {failed['trial']}: {failed.get('error', '')[:400]}")
+    if expected > len(table):  # Tune creates a grid's trials as slots free up: the rest were never created
+        print(f"({expected - len(table)} more trial(s) not created yet: the resume runs them)")
     print(f"\ntable: {study_dir}/trials.csv")
     best = table[table["status"] == "OK"]
     if not best.empty:
-        print("best config:", {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
+        print("best config" + (" among the finished trials so far" if state else "") + ":",
+              {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
     if uri.startswith("sqlite:"):
         print(f"MLflow UI: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}")
     else:

@@ -88,8 +88,27 @@ def _candidates(value: Any) -> list:
 
 
 def grid_size(space: dict) -> int:
-    """Number of grid points (sampled dimensions count once)."""
-    return math.prod(len(v["grid_search"]) for v in space.values() if is_grid(v)) if space else 1
+    """Number of grid points, nested grids included (``{"optim": {"lr": grid}}``); sampled dimensions count once."""
+    return math.prod(len(v["grid_search"]) if is_grid(v) else grid_size(v) if isinstance(v, dict) else 1
+                     for v in space.values())
+
+
+def describe(value: Any) -> Any:
+    """The space as plain JSON data, the same for the same space in every process (Tune's domains print
+    their memory address): what study.json records and resume compares."""
+    if is_grid(value):
+        return {"grid_search": [describe(v) for v in value["grid_search"]]}
+    if is_domain(value):
+        kind = type(value).__name__
+        if hasattr(value, "categories"):
+            return {kind: [describe(v) for v in value.categories]}
+        sampler = type(getattr(value, "sampler", None)).__name__
+        return {kind: [value.lower, value.upper], "sampler": sampler}
+    if isinstance(value, dict):
+        return {key: describe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    return value
 
 
 def variants(base: TrainConfig, space: dict) -> list[dict]:

@@ -175,3 +175,13 @@ class StudyTracker:
         if error:
             self.client.set_tag(run_id, "vision_tune.error", error[-4000:])
         self.client.set_terminated(run_id, status=status)
+
+    def kill_unfinished(self) -> int:
+        """After an interrupted study, close the trials' runs still RUNNING as KILLED (MLflow's status for a run
+        that was stopped); a resume finds them again by tag and sets them RUNNING. Returns how many."""
+        found = self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'")
+        killed = [run.info.run_id for run in found if TRIAL_TAG in run.data.tags]
+        for run_id in killed:
+            self.client.set_terminated(run_id, status="KILLED")
+        self._runs.clear()
+        return len(killed)
