@@ -262,7 +262,9 @@ def test_embedded_classification_sets(tmp_path, name, sizes, image_size):
     assert (len(train), len(val)) == sizes
     image, label = val[0]
     assert image.shape == (1, image_size, image_size) and isinstance(label, int)
-    assert 0 <= val.images.min() and val.images.max() <= 1
+    everything = val.batch(torch.arange(len(val)))[0]
+    assert val.pixels.dtype == torch.uint8 and 0 <= everything.min() and everything.max() <= 1
+    assert everything.max() == 1  # scaled by the set's own range (digits 0..16, MNIST 0..255)
     assert set(train.targets.tolist()) == set(range(10)) == set(val.targets.tolist())
     normalised = build_dataset(name, "train", tmp_path, image_size, augment=False)
     stacked = torch.stack([normalised[i][0] for i in range(0, len(normalised), 7)])
