@@ -46,7 +46,7 @@ class DecodedArrays:
         # opened lazily, per process: a DataLoader worker maps the files itself instead of receiving a copy
         if self._maps is None:
             self._maps = (np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r"),
-                          np.memmap(self.folder / "masks.u8", dtype=np.uint8, mode="r"))
+                          np.memmap(self.folder / "masks.u8", dtype=np.uint8, mode="r"))  # read-only: never written
         return self._maps
 
     def __getstate__(self) -> dict:

@@ -27,8 +27,8 @@ SCALE = (0.5, 2.0)
 class Crop(NamedTuple):
     """A source region and where it lands: resized to (valid_h, valid_w) at the crop's top-left corner."""
 
-    image: Tensor  # uint8 (3,h,w)
-    mask: Tensor  # uint8 (h,w)
+    image: Tensor  # uint8 (3,h,w): the source region, resized by ``finish``
+    mask: Tensor  # uint8 (valid_h,valid_w): already resized (nearest needs only a gather)
     valid_h: int
     valid_w: int
     flip: bool
@@ -53,14 +53,21 @@ def scale_crop_window(height: int, width: int, size: int, scale: float, top_u: f
     return (y0, y1, x0, x1), (valid_h, valid_w)
 
 
-def _resize(region: Tensor, size: tuple[int, int], nearest: bool) -> Tensor:
-    """uint8 (1,C,h,w) -> uint8 (1,C,H,W); CPU has uint8 kernels (and antialiasing), CUDA goes through float."""
+def _resize(region: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 (1,3,h,w) -> uint8 (1,3,H,W), bilinear with antialiasing (as PIL's): the CPU has a uint8 kernel
+    (3x its float one), CUDA goes through float."""
     if tuple(region.shape[-2:]) == size:
         return region
-    if region.device.type == "cpu" and not nearest:
-        return F.interpolate(region, size=size, mode="bilinear", align_corners=False, antialias=True)
-    mode = {"mode": "nearest-exact"} if nearest else {"mode": "bilinear", "align_corners": False, "antialias": True}
+    mode = {"mode": "bilinear", "align_corners": False, "antialias": True}
+    if region.device.type == "cpu":
+        return F.interpolate(region, size=size, **mode)
     return F.interpolate(region.float(), size=size, **mode).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def nearest_rows(start: int, stop: int, count: int) -> np.ndarray:
+    """Source rows (or columns) of ``count`` outputs resampling [start, stop) by nearest pixel centre, as PIL's
+    NEAREST and torch's nearest-exact do: labels and 255 are copied, never blended."""
+    return np.minimum(start + ((np.arange(count) + 0.5) * ((stop - start) / count)).astype(np.int64), stop - 1)
 
 
 def finish(crops: Sequence[Crop], size: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -69,25 +76,22 @@ def finish(crops: Sequence[Crop], size: int, device: torch.device | str = "cpu")
     masks = torch.full((len(crops), size, size), IGNORE_INDEX, dtype=torch.uint8, device=device)
     for b, crop in enumerate(crops):
         landed = (crop.valid_h, crop.valid_w)
-        image = _resize(crop.image.to(device, non_blocking=True).unsqueeze(0), landed, nearest=False)
-        mask = _resize(crop.mask.to(device, non_blocking=True).view(1, 1, *crop.mask.shape), landed, nearest=True)
-        images[b, :, :crop.valid_h, :crop.valid_w] = image[0]
-        masks[b, :crop.valid_h, :crop.valid_w] = mask[0, 0]
-    flips = torch.tensor([crop.flip for crop in crops], device=device)
-    if bool(flips.any()):  # the whole canvas, padding included, as the per-sample flip after the crop
-        images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
-        masks = torch.where(flips.view(-1, 1, 1), masks.flip(-1), masks)
+        image = _resize(crop.image.to(device, non_blocking=True).unsqueeze(0), landed)[0]
+        mask = crop.mask.to(device, non_blocking=True)
+        # a flip mirrors the whole canvas, padding included, as the per-sample flip after the crop did
+        cols = slice(size - crop.valid_w, size) if crop.flip else slice(0, crop.valid_w)
+        images[b, :, :crop.valid_h, cols] = image.flip(-1) if crop.flip else image
+        masks[b, :crop.valid_h, cols] = mask.flip(-1) if crop.flip else mask
     return images, masks
 
 
 def normalise(images: Tensor, normalize: bool = True) -> Tensor:
     """uint8 (B,3,H,W) -> float, ImageNet-normalised (or [0, 1])."""
-    images = images.float().div_(255)
     if not normalize:
-        return images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+        return images.float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    scale = 1 / (torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
+    return images.float().sub_(mean).mul_(scale)  # (x / 255 - mean) / std in two passes
 
 
 class SegmentationSet(Dataset):
@@ -119,10 +123,10 @@ class SegmentationSet(Dataset):
             (y0, y1, x0, x1), (valid_h, valid_w) = scale_crop_window(*mask.shape, self.image_size, *draw[:3])
         else:
             (y0, y1, x0, x1), (valid_h, valid_w) = (0, mask.shape[0], 0, mask.shape[1]), (self.image_size,) * 2
-        # copies (np.array): a tensor must not alias the read-only map
+        # copies (np.array, take): a tensor must not alias the read-only map
         region = torch.from_numpy(np.array(image[y0:y1, x0:x1])).permute(2, 0, 1)  # (3,h,w) channels-last
-        return Crop(region, torch.from_numpy(np.array(mask[y0:y1, x0:x1])), valid_h, valid_w,
-                    bool(draw[3]) if draw else False)
+        landed = mask.take(nearest_rows(y0, y1, valid_h), axis=0).take(nearest_rows(x0, x1, valid_w), axis=1)
+        return Crop(region, torch.from_numpy(landed), valid_h, valid_w, bool(draw[3]) if draw else False)
 
     def __getitems__(self, keys: Sequence[tuple]) -> list[Crop]:
         return [self.crop(index, draw) for index, draw in keys]
