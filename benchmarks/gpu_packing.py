@@ -59,7 +59,7 @@ def _loader(name: str, hw, size: int, batch: int, voc_root: str, cpus: int):
                              std=(0.25, 0.24, 0.26))
         return DeviceBatches(data, batch, shuffle=True, drop_last=True)
     data = build_voc(Path(voc_root), "train", size, augment=True)
-    return SegmentationBatches(data, batch, shuffle=True, device=hw.device, workers=loader_workers(-1, cpus),
+    return SegmentationBatches(data, batch, shuffle=True, device=hw.device, workers=loader_workers(-1, cpus, hw.device),
                                drop_last=True)
 
 

@@ -30,7 +30,7 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int)
     data.add_argument("--image-size", type=int)
     data.add_argument("--steps-per-epoch", type=int, help="batches per epoch (0 = a full pass)")
-    data.add_argument("--num-workers", type=int, help="VOC loader workers per trial (default: --cpus-per-trial - 1)")
+    data.add_argument("--num-workers", type=int, help="VOC loader workers per trial (default: GPU trials --cpus-per-trial - 1, CPU trials 0)")
     data.add_argument("--num-samples", type=int, help="trials per grid point (grid) or in total (optuna)")
     data.add_argument("--seed", type=int)
     res = parser.add_argument_group("resources and cluster")

@@ -136,14 +136,17 @@ def test_worker_default_follows_cpus_per_trial(data_root):
 
     train = build_dataset("shapes", "train", data_root, 32, augment=True)
     built = Built(torch.nn.Identity(), None, train, build_dataset("shapes", "val", data_root, 32), 21)
-    for argv, expected in ((["--cpus-per-trial", "4"], 3), (["--cpus-per-trial", "1"], 0),
-                           (["--cpus-per-trial", "2.5"], 1), (["--cpus-per-trial", "4", "--num-workers", "0"], 0),
-                           (["--cpus-per-trial", "1", "--num-workers", "2"], 2)):
+    gpu, cpu = Hardware(torch.device("cuda", 0)), Hardware(torch.device("cpu"))  # nothing touches the device here
+    for argv, on_gpu, on_cpu in ((["--cpus-per-trial", "4"], 3, 0), (["--cpus-per-trial", "1"], 0, 0),
+                                 (["--cpus-per-trial", "2.5"], 1, 0), (["--cpus-per-trial", "4", "--num-workers", "0"], 0, 0),
+                                 (["--cpus-per-trial", "1", "--num-workers", "2"], 2, 2)):
         config, cpus = config_for(*argv)
-        train_batches, val_batches = make_loaders(built, config, Hardware(torch.device("cpu")), cpus)
-        assert train_batches.loader.num_workers == val_batches.loader.num_workers == expected, argv
-        assert train_batches.loader.persistent_workers == (expected > 0) and not train_batches.loader.pin_memory
-    assert loader_workers(-1, 64) == 8  # capped: more workers than that only add start-up time
+        for hw, expected in ((gpu, on_gpu), (cpu, on_cpu)):
+            train_batches, val_batches = make_loaders(built, config, hw, cpus)
+            assert train_batches.loader.num_workers == val_batches.loader.num_workers == expected, (argv, hw)
+            assert train_batches.loader.persistent_workers == (expected > 0)
+            assert train_batches.loader.pin_memory == (hw is gpu)  # pinned host memory only feeds a GPU
+    assert loader_workers(-1, 64, gpu.device) == 8  # capped: more workers than that only add start-up time
 
 
 def test_classification_sets_need_no_workers(tmp_path):

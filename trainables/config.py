@@ -76,7 +76,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0 = one full pass; the report's U-Net used 5 batches of 32 per "epoch"
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
-    num_workers: int = -1  # loader workers; -1 = one per CPU of the trial beyond the first (task.loader_workers)
+    num_workers: int = -1  # VOC loader workers; -1 = on a GPU, one per CPU of the trial beyond the first (task.loader_workers)
     amp: bool = True  # bf16 autocast, used on CUDA only
     feature_samples: int = 192  # val images whose features are saved for t-SNE/PCA, as the report
     val_samples: int = 0  # 0 = evaluate on the whole val split; else on a fixed subset (quick runs)

@@ -43,11 +43,15 @@ class Task:
 MAX_WORKERS = 8
 
 
-def loader_workers(requested: int, cpus: float | None) -> int:
-    """Loader worker processes: ``--num-workers`` when given (>= 0), else one per CPU of the trial
-    (``--cpus-per-trial``) beyond the one the training process keeps, at most MAX_WORKERS."""
+def loader_workers(requested: int, cpus: float | None, device: torch.device) -> int:
+    """Loader worker processes: ``--num-workers`` when given (>= 0); else, for a GPU trial, one per CPU of the
+    trial (``--cpus-per-trial``) beyond the one that drives the GPU, at most MAX_WORKERS. A CPU trial keeps
+    its CPUs as the model's threads (run_trial sets them): there a U-Net step costs ~1000x its data, and
+    worker processes only take cores from the model (a 2-CPU shapes trial ran 2.5x slower with one)."""
     if requested >= 0:
         return requested
+    if device.type != "cuda":
+        return 0
     return max(0, min(int(cpus or 1) - 1, MAX_WORKERS))
 
 
@@ -62,7 +66,7 @@ def make_loaders(built: Built, config: TrainConfig, hw: Hardware, cpus: float | 
     if isinstance(built.train_set, BatchedImages):
         return (DeviceBatches(built.train_set.to(hw.device), config.batch_size, shuffle=True, drop_last=drop_last),
                 DeviceBatches(built.val_set.to(hw.device), config.batch_size, shuffle=False, indices=val_indices))
-    count = loader_workers(config.num_workers, cpus)
+    count = loader_workers(config.num_workers, cpus, hw.device)
     if isinstance(built.train_set, SegmentationSet):
         return (SegmentationBatches(built.train_set, config.batch_size, shuffle=True, device=hw.device,
                                     workers=count, drop_last=drop_last),
