@@ -330,3 +330,17 @@ def test_the_driver_data_check_builds_the_cache_before_trials(data_root):
     check_data(SegmentConfig(dataset="shapes", data_root=str(data_root), image_size=32))
     root = generate_shapes(data_root, 0)
     assert len(_decoded_folders(root)) == 2  # train (VOC2012 trainval) and val (VOC2007 test)
+
+
+@pytest.mark.parametrize("image_size", [32, 96])
+def test_cached_resize_matches_the_per_sample_pil_path(voc_root, image_size):
+    from trainables.data.transforms import segmentation_transform
+
+    val = build_dataset("voc", "val", voc_root, image_size)
+    reference = segmentation_transform(image_size, augment=False)
+    for index in range(len(val)):
+        image, mask = val[index]
+        expected_image, expected_mask = reference(Image.open(val.images[index]).convert("RGB"), Image.open(val.masks[index]))
+        assert torch.equal(mask, expected_mask)  # nearest pixel centres, as PIL: the very same labels
+        # bilinear with antialiasing in torch vs PIL: within a grey level or two, not a shifted image
+        assert (_pixels(image) - _pixels(expected_image)).__abs__().mean() < 1.5

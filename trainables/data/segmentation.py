@@ -91,7 +91,7 @@ def normalise(images: Tensor, normalize: bool = True) -> Tensor:
         return images.float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
     scale = 1 / (torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
-    return images.float().sub_(mean).mul_(scale)  # (x / 255 - mean) / std in two passes
+    return images.sub(mean).mul_(scale)  # (x / 255 - mean) / std in two passes: uint8 - float gives float
 
 
 class SegmentationSet(Dataset):
