@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="500x375 VOC scenes to write")
     parser.add_argument("--seconds", type=float, default=1.5, help="about how long each timed window lasts")
     parser.add_argument("--rounds", type=int, default=4, help="windows per path (alternating order)")
-    parser.add_argument("--model-device", default="cpu", choices=("cpu", "cuda"), help="where the models' rates are measured")
+    parser.add_argument("--model-device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the models' rates are measured")
     args = parser.parse_args()
     if args.model_device == "cuda" and not torch.cuda.is_available():
         parser.error("--model-device cuda: no CUDA device is visible")

@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
-import time
 import traceback
 from functools import partial
 from itertools import repeat
@@ -96,7 +95,8 @@ def train_worker(name: str, device: str, gpus: float, cpus: int, precision: str,
         seconds = {key: 0.0 for key in feeds}
         for round_ in range(rounds):
             for key in (list(feeds) if round_ % 2 == 0 else list(feeds)[::-1]):
-                rate = train_one_epoch(model, step, feeds[key](), optimizer, hw, round_, max_steps=steps)["images_per_s"]
+                rate = train_one_epoch(model, step, feeds[key](), optimizer, hw, round_,
+                                       max_steps=steps)["images_per_s"]
                 seconds[key] += batch * steps / rate
         results.put({"name": name, "gpus": gpus, "precision": precision, "fraction": fraction,
                      **{key: batch * steps * rounds / total for key, total in seconds.items()}})
@@ -175,8 +175,9 @@ def main() -> None:
                 if "error" in result:
                     raise RuntimeError(f"{name} worker failed:\n{result['error']}")
             total = sum(r["real"] for r in packed)
+            slowest = min(packed, key=lambda r: r["real"])
             wait = {label: max(0.0, 1 - r["real"] / r["fixed"]) for label, r in (("alone", alone[0]),
-                                                                                  ("packed", min(packed, key=lambda r: r["real"])))}
+                                                                                  ("packed", slowest))}
             rows.append({"model": name, "alone_img_s": alone[0]["real"], "packed": args.packed, "packed_img_s": total,
                          "packed_over_alone": total / alone[0]["real"], "wait_alone": wait["alone"],
                          "wait_packed": wait["packed"], "fp32_img_s": fp32[0]["real"],
@@ -188,15 +189,17 @@ def main() -> None:
         if args.device == "cuda" and not args.skip_cap:
             for split in ("train", "val"):  # the driver's data check (and decoded cache) first
                 build_dataset("shapes", split, tmp / "data", 64)
-            found = run_processes(trial_worker, [("hog", str(tmp / "data"), 0.25), ("neighbour", str(tmp / "data"), 0.25)])
+            found = run_processes(trial_worker, [("hog", str(tmp / "data"), 0.25),
+                                                 ("neighbour", str(tmp / "data"), 0.25)])
             by_kind = {r["kind"]: r for r in found}
             hog, neighbour = by_kind["hog"], by_kind["neighbour"]
             print(f"(e) hog: {hog.get('error', 'finished?!')}\n(e) neighbour: {neighbour}")
             cap_gib = 0.25 * torch.cuda.get_device_properties(0).total_memory / 2**30
-            rows.append({"model": "cap check", "hog_error": hog.get("error", "")[:60], "hog_peak_gib": hog["peak_gib"],
-                         "cap_gib": cap_gib, "neighbour_ok": neighbour["ok"]})
+            rows.append({"model": "cap check", "hog_error": hog.get("error", "")[:60],
+                         "hog_peak_gib": hog["peak_gib"], "cap_gib": cap_gib, "neighbour_ok": neighbour["ok"]})
+            named = "TrialMemoryError" in hog.get("error", "") and "--gpus-per-trial 0.25" in hog.get("error", "")
             checks.append(("(e) oversized trial fails with TrialMemoryError naming --gpus-per-trial",
-                           not hog["ok"] and "TrialMemoryError" in hog["error"] and "--gpus-per-trial 0.25" in hog["error"]))
+                           not hog["ok"] and named))
             checks.append(("(e) the hog stayed inside its cap", hog["peak_gib"] <= cap_gib * 1.01))
             checks.append(("(e) the neighbour trial finished", neighbour["ok"]))
     finally:

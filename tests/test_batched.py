@@ -138,7 +138,8 @@ def test_worker_default_follows_cpus_per_trial(data_root):
     built = Built(torch.nn.Identity(), None, train, build_dataset("shapes", "val", data_root, 32), 21)
     gpu, cpu = Hardware(torch.device("cuda", 0)), Hardware(torch.device("cpu"))  # nothing touches the device here
     for argv, on_gpu, on_cpu in ((["--cpus-per-trial", "4"], 3, 0), (["--cpus-per-trial", "1"], 0, 0),
-                                 (["--cpus-per-trial", "2.5"], 1, 0), (["--cpus-per-trial", "4", "--num-workers", "0"], 0, 0),
+                                 (["--cpus-per-trial", "2.5"], 1, 0),
+                                 (["--cpus-per-trial", "4", "--num-workers", "0"], 0, 0),
                                  (["--cpus-per-trial", "1", "--num-workers", "2"], 2, 2)):
         config, cpus = config_for(*argv)
         for hw, expected in ((gpu, on_gpu), (cpu, on_cpu)):

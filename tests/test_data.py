@@ -340,7 +340,8 @@ def test_cached_resize_matches_the_per_sample_pil_path(voc_root, image_size):
     reference = segmentation_transform(image_size, augment=False)
     for index in range(len(val)):
         image, mask = val[index]
-        expected_image, expected_mask = reference(Image.open(val.images[index]).convert("RGB"), Image.open(val.masks[index]))
+        expected_image, expected_mask = reference(Image.open(val.images[index]).convert("RGB"),
+                                                  Image.open(val.masks[index]))
         assert torch.equal(mask, expected_mask)  # nearest pixel centres, as PIL: the very same labels
         # bilinear with antialiasing in torch vs PIL: within a grey level or two, not a shifted image
         assert (_pixels(image) - _pixels(expected_image)).__abs__().mean() < 1.5

@@ -53,7 +53,7 @@ class BatchedImages(Dataset):
 
     def batch(self, index: Tensor, tops: Tensor | None = None, lefts: Tensor | None = None,
               flips: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(images float (B,C,S,S), labels (B,)) of ``index``; offsets/flips as ``draw`` returns them (None: centred)."""
+        """(images float (B,C,S,S), labels (B,)) of ``index``; shifts as ``draw`` returns them (None: unshifted)."""
         index = index.to(self.device)
         images = self.pixels[index]  # (B,C,h,w) uint8
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:

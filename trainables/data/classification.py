@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torch import Tensor
 
 from .batched import BatchedImages
 from .errors import BadDataError, download_failed, missing_data
