@@ -112,8 +112,8 @@ def trial_worker(kind: str, data_root: str, gpus: float, results) -> None:
 
         session = LocalSession(tempfile.mkdtemp(prefix="vt-cap-"), cpus=2)
         session.gpu_ids, session.gpus = [0], gpus
-        if kind == "hog":  # far more than 0.25 of any GPU: U-Net activations at 512 px for all 128 images at once
-            config = SegmentConfig(dataset="shapes", image_size=512, batch_size=512, epochs=1, steps_per_epoch=2,
+        if kind == "hog":  # far more than 0.25 of any GPU: U-Net activations at 1024 px for all 128 images at once
+            config = SegmentConfig(dataset="shapes", image_size=1024, batch_size=512, epochs=1, steps_per_epoch=2,
                                    data_root=data_root, feature_samples=8)
         else:  # the shapes set needs nothing beyond torch, torchvision, numpy and PIL on the GPU machine
             config = SegmentConfig(dataset="shapes", image_size=64, batch_size=16, epochs=3, steps_per_epoch=8,
