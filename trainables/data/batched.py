@@ -30,6 +30,7 @@ class BatchedImages(Dataset):
         self.pixels, self.targets = pixels, labels
         self.image_size, self.divisor, self.pad, self.flip = image_size, divisor, pad, flip
         self.mean, self.std = (tuple(mean), tuple(std)) if mean is not None else (None, None)
+        self._stats = self._stats_on(pixels.device)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -42,7 +43,15 @@ class BatchedImages(Dataset):
         """The same set with its tensors on ``device`` (CIFAR-10's train split is 150 MB of GPU memory)."""
         moved = BatchedImages.__new__(BatchedImages)
         moved.__dict__.update(self.__dict__, pixels=self.pixels.to(device), targets=self.targets.to(device))
+        moved._stats = moved._stats_on(moved.pixels.device)
         return moved
+
+    def _stats_on(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        # made once per device: a tensor built from a list per batch is a blocking copy to a GPU
+        if self.mean is None:
+            return None
+        return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=device).view(1, -1, 1, 1))
 
     def draw(self, count: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(tops, lefts, flips) for ``count`` samples: offsets uniform in [0, 2*pad], flips with p = 1/2."""
@@ -69,10 +78,8 @@ class BatchedImages(Dataset):
         images = images.float()
         if divisor != 1:
             images = images.div_(divisor)
-        if self.mean is not None:
-            mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
-            images = images.sub_(mean).div_(std)
+        if self._stats is not None:
+            images = images.sub_(self._stats[0]).div_(self._stats[1])
         return images, self.targets[index]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:

@@ -8,6 +8,7 @@ loader's generator (reseeded per epoch by the loop), so they do not depend on th
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -85,12 +86,18 @@ def finish(crops: Sequence[Crop], size: int, device: torch.device | str = "cpu")
     return images, masks
 
 
+@functools.lru_cache(maxsize=8)
+def _imagenet_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    # made once per device: a tensor built from a list per batch is a blocking copy to a GPU
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    return mean, 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalise(images: Tensor, normalize: bool = True) -> Tensor:
     """uint8 (B,3,H,W) -> float, ImageNet-normalised (or [0, 1])."""
     if not normalize:
         return images.float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    scale = 1 / (torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
+    mean, scale = _imagenet_stats(images.device)
     # (x / 255 - mean) / std as float, then two in-place passes; mixing uint8 and float in one op is 5x slower
     return images.float().sub_(mean).mul_(scale)
 
