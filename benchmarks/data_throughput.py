@@ -1,18 +1,23 @@
-"""How many DataLoader workers keep one U-Net training process busy?
+"""How much faster is the batched data path than the per-sample one, and does it keep the models fed?
 
-Images/s of the VOC pipeline (JPEG + palette-PNG decode, random scale-crop, flip, to tensor, normalise:
-the loader trials use) with 0, 1 and 2 loader workers, against the U-Net's training-step rate at the same
-size. Two data sets in VOC's own format, read by the real VOC loader: a tree at VOC's usual 500x375 that
-this script writes (generated scenes, JPEG quality 90 like VOC), and the embedded `shapes` set (96x96).
-Windows alternate between settings (0, 1, 2, 2, 1, 0 workers, ...) so load drift cancels.
+Per data set at the full-budget settings (CIFAR-10 32x32 batch 128, MNIST 28x28 batch 128, VOC 256x256 batch
+32), images/s of one CPU core (one torch thread, no loader workers) for
+  per-sample  what trials used before: torchvision's PIL transforms item by item through a DataLoader
+              (CIFAR-10/MNIST exactly as torchvision's datasets hand PIL images over; VOC decoded from JPEG/PNG)
+  batched     what trials use now: the uint8 set augmented per batch; VOC read from its decoded cache
+on the same data in the same run, in alternating windows (per-sample, batched, batched, per-sample, ...) so
+that load drift cancels. CIFAR-10 and VOC are not available offline: random uint8 arrays of CIFAR-10's and
+MNIST's exact shapes, and generated 500x375 scenes written as VOC JPEG/PNG files. Each rate is set against
+the training-step rate of the model that consumes it (ResNet18, the VAE, the U-Net at the same size),
+measured with benchmarks/model_throughput.py's runner: on this CPU with one thread and a small batch, or on
+a GPU at the full batch with bf16 + channels_last as trials run (--model-device cuda).
 
-    python benchmarks/data_throughput.py                  # CPU (about 3 minutes)
-    python benchmarks/data_throughput.py --device cuda --batch-size 32
+    python benchmarks/data_throughput.py                       # CPU, about 3 minutes
+    python benchmarks/data_throughput.py --model-device cuda   # the models' side on the GPU
 """
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import tempfile
 import time
@@ -23,15 +28,35 @@ from common import table, write_json  # first: puts the repository on sys.path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.datasets import VOCSegmentation
 
-from trainables.data import build_dataset
+from model_throughput import Runner
+from trainables.data.batched import BatchedImages, DeviceBatches
+from trainables.data.classification import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, shift_pad
+from trainables.data.segmentation import SegmentationBatches
 from trainables.data.shapes import render_scene
+from trainables.data.transforms import classification_transform, segmentation_transform
 from trainables.data.voc import build_voc, voc_palette
-from trainables.loop import Hardware
-from trainables.losses import class_weight_vector, segmentation_loss
 from vision_models import build_model
 
 VOC_W, VOC_H = 500, 375
+# data set -> (consumer model, image size, batch, train split shape (N,C,H,W))
+SETS = {"cifar10": ("resnet18", 32, 128, (50_000, 3, 32, 32)), "mnist": ("conv_vae", 28, 128, (60_000, 1, 28, 28)),
+        "voc": ("unet_resnet50", 256, 32, None)}
+
+
+class PerSampleImages(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10/MNIST do per item: a PIL image from the array, then the transform."""
+
+    def __init__(self, pixels: np.ndarray, transform) -> None:
+        self.pixels, self.transform = pixels, transform  # (N,H,W,C) or (N,H,W) uint8
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.pixels[index])  # (H,W) -> "L", (H,W,3) -> "RGB", as torchvision's datasets
+        return self.transform(image), 0
 
 
 def write_voc_tree(root: Path, count: int) -> Path:
@@ -51,102 +76,106 @@ def write_voc_tree(root: Path, count: int) -> Path:
     return root
 
 
-def loader_rate(dataset, workers: int, batch: int, batches: int, loaders: dict) -> float:
-    """Images/s over ``batches`` batches from a warm loader (persistent workers, first batch not timed)."""
-    if workers not in loaders:
-        loaders[workers] = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                                                       persistent_workers=workers > 0, drop_last=True,
-                                                       prefetch_factor=2 if workers else None)
-    iterator = iter(loaders[workers])
-    next(iterator)  # workers started and one batch in flight: steady state
-    start = time.perf_counter()
-    count = 0
+def paths(name: str, root: Path, images: int):
+    """(per-sample loader, batched loader) of one data set, both shuffling, batch as in SETS."""
+    _, size, batch, shape = SETS[name]
+    if name == "voc":
+        write_voc_tree(root, images)
+        per_sample = VOCSegmentation(str(root), year="2012", image_set="trainval",
+                                     transforms=segmentation_transform(size, augment=True))
+        batched = SegmentationBatches(build_voc(root, "train", size, augment=True), batch, shuffle=True,
+                                      device=torch.device("cpu"), drop_last=True)
+    else:
+        pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)  # (N,C,H,W)
+        stats, flip = ((CIFAR_MEAN, CIFAR_STD), True) if name == "cifar10" else ((MNIST_MEAN, MNIST_STD), False)
+        as_stored = pixels.transpose(0, 2, 3, 1) if shape[1] == 3 else pixels[:, 0]  # how torchvision keeps them
+        per_sample = PerSampleImages(as_stored, classification_transform(size, size, *stats, augment=True, flip=flip))
+        batched = DeviceBatches(BatchedImages(torch.from_numpy(pixels), torch.zeros(shape[0], dtype=torch.long),
+                                              image_size=size, pad=shift_pad(size, True), flip=flip,
+                                              mean=stats[0], std=stats[1]), batch, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(per_sample, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    return loader, batched
+
+
+def rate(loader, batches: int, state: dict) -> float:
+    """Images/s over ``batches`` batches, continuing the loader's current pass (a new one when it ends)."""
+    start, count = time.perf_counter(), 0
     for _ in range(batches):
         try:
-            images, _ = next(iterator)
-        except StopIteration:
-            iterator = iter(loaders[workers])
-            images, _ = next(iterator)
+            images = next(state["it"])[0]
+        except (KeyError, StopIteration):
+            state["it"] = iter(loader)
+            images = next(state["it"])[0]
         count += images.shape[0]
     return count / (time.perf_counter() - start)
 
 
-def unet_rate(images: torch.Tensor, masks: torch.Tensor, device: str, steps: int, rounds: int) -> float:
-    """Images/s of U-Net training steps (SGD, background weight 0.1), as a trial runs them on this device."""
-    hw = Hardware.select([0] if device == "cuda" else [], amp=True)
-    model = hw.prepare(build_model("unet_resnet50", num_classes=21))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    weights = class_weight_vector(0.1, 21, None).to(hw.device)
-    images, masks = hw.move([images, masks])
+def model_rate(name: str, size: int, batch: int, steps: int, device: str) -> float:
+    """Training images/s of the consuming model (forward + backward); on CUDA with bf16 + channels_last."""
+    kwargs = {"num_classes": 21} if name == "unet_resnet50" else {"num_classes": 10} if name == "resnet18" else {}
+    channels = 1 if name == "conv_vae" else 3
+    cuda = device == "cuda"
+    runner = Runner(build_model(name, **kwargs), torch.rand(batch, channels, size, size, device=device), amp=cuda,
+                    channels_last=cuda)
+    runner.step()  # warm-up (cuDNN autotuning, allocator)
+    return batch * steps / runner.seconds(steps)
 
-    def step() -> None:
-        with hw.autocast():
-            loss = segmentation_loss(model(images), masks, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
-    step()  # warm-up (cuDNN autotuning, allocator)
-    total = 0.0
-    for _ in range(rounds):
-        if hw.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if hw.device.type == "cuda":
-            torch.cuda.synchronize()
-        total += time.perf_counter() - start
-    return images.shape[0] * steps * rounds / total
+def model_rates(device: str) -> tuple[dict, str]:
+    """{model: training img/s}: small batches and 2 steps on the CPU, the full batch and 10 steps on a GPU."""
+    small = {"resnet18": 16, "conv_vae": 64, "unet_resnet50": 2}
+    rates = {model: model_rate(model, size, batch if device == "cuda" else small[model], 10 if device == "cuda" else 2,
+                               device) for model, size, batch, _ in SETS.values()}
+    return rates, ("this CPU, 1 thread, small batches" if device == "cpu" else f"{torch.cuda.get_device_name(0)}, "
+                   "full batch, bf16 + channels_last")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=256, help="training crop side (the report's 256)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--images", type=int, default=128, help="500x375 scenes to write")
-    parser.add_argument("--batches", type=int, default=12, help="batches per timed window (fewer than an epoch holds)")
-    parser.add_argument("--rounds", type=int, default=3, help="windows per setting (alternating order)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--unet-batch", type=int, default=0, help="U-Net batch (default: 2 on CPU, --batch-size on CUDA)")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--images", type=int, default=96, help="500x375 VOC scenes to write")
+    parser.add_argument("--seconds", type=float, default=1.5, help="about how long each timed window lasts")
+    parser.add_argument("--rounds", type=int, default=4, help="windows per path (alternating order)")
+    parser.add_argument("--model-device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the models' rates are measured")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
+    if args.model_device == "cuda" and not torch.cuda.is_available():
+        parser.error("--model-device cuda: no CUDA device is visible")
+    torch.set_num_threads(1)  # per core: the batched path gets no more threads than the per-sample one
     root = Path(tempfile.mkdtemp(prefix="vt-data-bench-"))
-    start = time.perf_counter()
-    write_voc_tree(root / "voc500", args.images)
-    sets = {"voc 500x375": build_voc(root / "voc500", "train", args.image_size, augment=True),
-            "shapes 96x96": build_dataset("shapes", "train", root / "shapes", args.image_size)}
-    print(f"wrote {args.images} 500x375 scenes and the shapes set in {time.perf_counter() - start:.1f} s", flush=True)
-    rows, rates = [], {}
-    for name, dataset in sets.items():
-        loaders: dict = {}
-        totals = {w: [] for w in args.workers}
-        for round_ in range(args.rounds):
-            for workers in (args.workers if round_ % 2 == 0 else args.workers[::-1]):
-                totals[workers].append(loader_rate(dataset, workers, args.batch_size, args.batches, loaders))
-        del loaders  # stops the persistent workers
-        for workers, values in totals.items():
-            rates[(name, workers)] = len(values) / sum(1 / v for v in values)  # harmonic mean = total images / time
-    images, masks = next(iter(torch.utils.data.DataLoader(sets["voc 500x375"], batch_size=args.unet_batch or (
-        args.batch_size if args.device == "cuda" else 2))))
-    train = unet_rate(images, masks, args.device, steps=2 if args.device == "cpu" else 10, rounds=args.rounds)
-    for (name, workers), rate in rates.items():
-        per_worker = rate / max(workers, 1)
-        rows.append({"data": name, "workers": workers, "img_s": rate, "img_s_per_worker": per_worker,
-                     "unet_img_s": train, "loader_over_unet": rate / train})
-    shutil.rmtree(root, ignore_errors=True)
+    rows = []
+    try:
+        models, source = model_rates(args.model_device)
+        for name in args.sets:
+            start = time.perf_counter()
+            loaders = dict(zip(("per_sample", "batched"), paths(name, root / name, args.images)))
+            states = {key: {} for key in loaders}
+            # one batch each first (warm caches), then size each window to about --seconds
+            sizes = {key: max(1, round(args.seconds * rate(loader, 1, states[key]) / SETS[name][2]))
+                     for key, loader in loaders.items()}
+            times = {key: 0.0 for key in loaders}
+            images = {key: 0 for key in loaders}
+            for round_ in range(args.rounds):
+                for key in (list(loaders) if round_ % 2 == 0 else list(loaders)[::-1]):
+                    measured = rate(loaders[key], sizes[key], states[key])
+                    images[key] += sizes[key] * SETS[name][2]
+                    times[key] += sizes[key] * SETS[name][2] / measured
+            model, size, batch, _ = SETS[name]
+            per_sample, batched = (images[key] / times[key] for key in ("per_sample", "batched"))
+            rows.append({"data": name, "size": size, "batch": batch, "per_sample_img_s": per_sample,
+                         "batched_img_s": batched, "speedup": batched / per_sample, "model": model,
+                         "model_img_s": models.get(model), "batched_over_model": batched / models[model]
+                         if models.get(model) else None})
+            print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     print(table(rows))
-    one_worker = rates.get(("voc 500x375", 1)) or rates[("voc 500x375", max(args.workers))] / max(max(args.workers), 1)
-    needed = max(1, math.ceil(train / one_worker))
-    in_main = rates.get(("voc 500x375", 0), 0) >= train
-    path = write_json("data_throughput", {"args": vars(args), "rows": rows, "unet_img_s": train,
-                                          "workers_needed": needed, "main_process_suffices": in_main})
+    slowest = min(rows, key=lambda row: row["speedup"])
+    path = write_json("data_throughput", {"args": vars(args), "rows": rows, "model_rates_from": source,
+                                          "slowest_speedup": slowest["speedup"]})
     print(f"json: {path}")
-    print(f"U-Net at {args.image_size}px on {args.device}: {train:.1f} img/s; one loader worker gives "
-          f"{one_worker:.1f} img/s (VOC 500x375): {needed} worker(s) keep one training process busy"
-          + (" (num_workers=0 already keeps up)" if in_main else ""))
+    print(f"models' training rates from {source}; img/s are per CPU core (one thread, no workers)")
+    print(f"data path speedup, slowest data set: {slowest['speedup']:.2f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int)
     data.add_argument("--image-size", type=int)
     data.add_argument("--steps-per-epoch", type=int, help="batches per epoch (0 = a full pass)")
+    data.add_argument("--num-workers", type=int, help="VOC loader workers per trial (default: GPU trials --cpus-per-trial - 1, CPU trials 0)")
     data.add_argument("--num-samples", type=int, help="trials per grid point (grid) or in total (optuna)")
     data.add_argument("--seed", type=int)
     data.add_argument("--no-pretrained", action="store_true", help="segmentation: train the encoder from scratch")
@@ -60,7 +61,8 @@ def apply_args(base: TrainConfig, space: dict, args: argparse.Namespace) -> tupl
     overrides = dict(QUICK[type(base)]) if args.quick else {}
     flags = {"dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
              "batch_size": args.batch_size, "image_size": args.image_size, "seed": args.seed,
-             "steps_per_epoch": args.steps_per_epoch, "download": args.download or None}
+             "steps_per_epoch": args.steps_per_epoch, "download": args.download or None,
+             "num_workers": args.num_workers}
     flags = {key: value for key, value in flags.items() if value is not None}
     if args.no_pretrained:
         if not hasattr(base, "pretrained"):

@@ -186,7 +186,7 @@ def _report_device(config: dict) -> None:
     except CudaUnavailableError as err:  # the logical GPUs of the test's runtime, on a machine without CUDA
         device = f"unusable: {err}"
     tune.report({"device": device, "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
-                 "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+                 "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "gpus": session.gpus})
 
 
 def test_each_trial_sees_its_own_logical_gpu(ray_runtime):
@@ -205,7 +205,8 @@ def test_each_trial_sees_its_own_logical_gpu(ray_runtime):
         assert [m["device"] for m in shared] == ["cuda"] * 4
     assert sorted(m["gpu_ids"] for m in shared) == ["0", "0", "1", "1"]  # two half-GPU trials per GPU
     assert all(m["visible"] == m["gpu_ids"] for m in shared)
-    assert [m["device"] for m in run(0, 1)] == ["cpu"]
+    assert [m["gpus"] for m in shared] == [0.5] * 4  # the share each trial caps its GPU memory to
+    assert [(m["device"], m["gpus"]) for m in run(0, 1)] == [("cpu", 0)]
 
 
 @pytest.mark.parametrize("trainable,task_name", [(train_classifier, "classification"), (train_vae, "generation"),

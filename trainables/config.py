@@ -76,7 +76,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0 = one full pass; the report's U-Net used 5 batches of 32 per "epoch"
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = -1  # VOC loader workers; -1 = on a GPU, one per CPU of the trial beyond the first (task.loader_workers)
     amp: bool = True  # bf16 autocast, used on CUDA only
     feature_samples: int = 192  # val images whose features are saved for t-SNE/PCA, as the report
     val_samples: int = 0  # 0 = evaluate on the whole val split; else on a fixed subset (quick runs)
@@ -94,7 +94,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size", "feature_samples"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1; got {value!r}")
-        for name in ("steps_per_epoch", "num_workers", "seed", "val_samples"):
+        _require(isinstance(self.num_workers, int) and self.num_workers >= -1, "num_workers",
+                 f"must be an integer >= 0, or -1 for one per CPU of the trial; got {self.num_workers!r}")
+        for name in ("steps_per_epoch", "seed", "val_samples"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0; got {value!r}")
         try:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from trainables.loop import Hardware, fit
+from trainables.memory import apply_cap, out_of_memory
 from trainables.optim import build_optimizer, build_scheduler
 from trainables.task import Task, make_loaders
 
@@ -36,7 +37,9 @@ class TuneSession:
         self.node_id = ray.get_runtime_context().get_node_id()  # reported, so a study shows where each trial ran
         self.where = f"node {ray.util.get_node_ip_address()} (id {self.node_id[:12]})"  # for errors about this node
         self.gpu_ids = ray.get_gpu_ids()
-        self.cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+        resources = tune.get_context().get_trial_resources().required_resources
+        self.cpus = resources.get("CPU", 1)
+        self.gpus = resources.get("GPU", 0)  # a fraction < 1 caps this trial's GPU memory
 
     def restore_dir(self):
         checkpoint = self._tune.get_checkpoint()
@@ -57,6 +60,7 @@ class LocalSession:
         self.gpu_ids: list = []
         self.cpus = cpus
         self.where = "this machine"
+        self.gpus = 0
 
     def restore_dir(self):
         return _PathContext(self.resume_from) if self.resume_from else None
@@ -161,13 +165,14 @@ def run_trial(config_dict: dict, task: Task, session=None) -> dict:
         session = TuneSession() if in_tune_trial() else LocalSession(tempfile.mkdtemp(prefix="vision-tune-"))
     if session.cpus:
         torch.set_num_threads(max(1, int(session.cpus)))
-    hw = Hardware.select(session.gpu_ids, amp=config.amp, where=getattr(session, "where", "this machine"))
+    hw = Hardware.select(session.gpu_ids, amp=config.amp, where=session.where)
+    fraction = apply_cap(hw.device, session.gpus)
     seed_everything(config.seed)
     built = task.build(config)
     model = hw.prepare(built.model)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.epochs)
-    train_loader, val_loader = make_loaders(built, config, hw)
+    train_loader, val_loader = make_loaders(built, config, hw, session.cpus)
 
     start_epoch = 1
     restore = session.restore_dir()
@@ -189,6 +194,12 @@ def run_trial(config_dict: dict, task: Task, session=None) -> dict:
             session.report(metrics, folder)
 
     describe = json.dumps(config.to_dict(), sort_keys=True)
-    return fit(model, built.step, optimizer, scheduler, train_loader, val_loader, hw, epochs=config.epochs,
-               start_epoch=start_epoch, seed=config.seed, max_steps=config.steps_per_epoch,
-               num_classes=built.num_classes, describe=describe, on_epoch_end=on_epoch_end)
+    try:
+        return fit(model, built.step, optimizer, scheduler, train_loader, val_loader, hw, epochs=config.epochs,
+                   start_epoch=start_epoch, seed=config.seed, max_steps=config.steps_per_epoch,
+                   num_classes=built.num_classes, describe=describe, on_epoch_end=on_epoch_end)
+    except torch.OutOfMemoryError:
+        if hw.device.type != "cuda":
+            raise
+        # from None: the trial's error says what to change, not which CUDA kernel failed to allocate
+        raise out_of_memory(hw.device, session.gpus, fraction, config.batch_size) from None

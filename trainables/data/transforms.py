@@ -1,4 +1,7 @@
-"""Image transforms: joint image+mask ones for segmentation, per-image ones for classification."""
+"""Per-sample PIL transforms: joint image+mask ones for segmentation, per-image ones for classification.
+
+Trials now run the batched path (batched.py, segmentation.py); these stay as its reference, which the
+tests and benchmarks/data_throughput.py compare it with."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

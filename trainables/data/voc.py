@@ -7,8 +7,9 @@ from pathlib import Path
 from torchvision.datasets import VOCSegmentation
 
 from .checks import default_cache_dir, validate_segmentation
+from .decoded import decoded
 from .errors import download_failed, missing_data
-from .transforms import segmentation_transform
+from .segmentation import SegmentationSet
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +73,21 @@ def _download(root: Path, split: str) -> None:
 
 
 def build_voc(root: Path, split: str, image_size: int, *, download: bool = False, train_split: str = "trainval",
-              augment: bool = False, normalize: bool = True, name: str = "voc") -> VOCSegmentation:
-    """A VOC-format segmentation set: item = (image (3,S,S) ImageNet-normalised, mask int64 (S,S), 255 = ignore)."""
+              augment: bool = False, normalize: bool = True, name: str = "voc") -> SegmentationSet:
+    """A VOC-format segmentation set: item = (image (3,S,S) ImageNet-normalised, mask int64 (S,S), 255 = ignore),
+    read from its decoded cache (built on first use, which the driver's data check makes before any trial)."""
     if train_split not in TRAIN_SPLITS:
         raise ValueError(f"train_split must be one of {TRAIN_SPLITS}; got {train_split!r}")
     if download:
         _download(root, split)
     year, image_set = voc_source(root, split, train_split)
     check_voc_layout(root, year, image_set, name)
-    dataset = VOCSegmentation(str(root), year=year, image_set=image_set,
-                              transforms=segmentation_transform(image_size, augment, normalize))
+    dataset = VOCSegmentation(str(root), year=year, image_set=image_set)  # the file lists; decoding is ours
     if not dataset.images:
         raise missing_data(name, root, VOC_LAYOUT.replace("{root}", str(root)),
                            [f"any id in VOCdevkit/VOC{year}/ImageSets/Segmentation/{image_set}.txt (it is empty)"])
-    validate_segmentation(dataset, default_cache_dir(root), name=f"{name} VOC{year} {image_set}")
+    cache_dir, described = default_cache_dir(root), f"{name} VOC{year} {image_set}"
+    validate_segmentation(dataset, cache_dir, name=described)
+    arrays = decoded(dataset.images, dataset.masks, cache_dir, described)
     log.info("%s %s: VOC%s %s, %d images", name, split, year, image_set, len(dataset))
-    return dataset
+    return SegmentationSet(arrays, dataset.images, dataset.masks, image_size, augment, normalize)
