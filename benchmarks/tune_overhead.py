@@ -176,6 +176,7 @@ def child(way: str, workers: int, tmp: Path) -> dict:
 
     configs = json.loads((tmp / "configs.json").read_text())
     seeds = tune.grid_search([c["seed"] for c in configs])
+    snapshots = _time_snapshots()
     if way == "ours":  # as the CLI runs: run_study starts and stops Ray itself; those two calls are timed apart
         spent = [0.0]
         runner._start_ray, ray.shutdown = _timed(runner._start_ray, spent), _timed(ray.shutdown, spent)
@@ -206,7 +207,30 @@ def child(way: str, workers: int, tmp: Path) -> dict:
     kept = sorted((tmp / "storage").glob("*/*/checkpoint_*"))
     size = sum(f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file())
     return {"wall_s": wall, "ray_start_s": ray_start, **result, "checkpoints_kept": len(kept),
-            "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2)}
+            "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2), "snapshots": snapshots}
+
+
+def _time_snapshots() -> dict:
+    """Count Tune's experiment snapshots in this driver and the seconds its event loop spends in them, apart for
+    the ones ``CheckpointConfig(num_to_keep)`` forces (Tune's "snapshotting has been triggered multiple times")."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
+
+    spent = {"forced": 0, "forced_s": 0.0, "periodic": 0, "periodic_s": 0.0}
+    original = Manager.sync_up_experiment_state
+
+    def timed(self, save_fn, force: bool = False, wait: bool = False):
+        forced, before = force or self._should_force_sync_up, self._last_save_time
+        start = time.perf_counter()
+        try:
+            return original(self, save_fn, force=force, wait=wait)
+        finally:
+            if self._last_save_time != before:  # it did save (not skipped as too soon)
+                kind = "forced" if forced else "periodic"
+                spent[kind] += 1
+                spent[f"{kind}_s"] += time.perf_counter() - start
+
+    Manager.sync_up_experiment_state = timed
+    return spent
 
 
 def _timed(function, spent: list[float]):
@@ -300,6 +324,13 @@ def main() -> None:
     if new_db_s is not None:
         print(f"(a) checks: {runs} MLflow runs; a new MLflow database took {new_db_s:.1f} s once "
               "(a CLI study overlaps it with Ray's start)")
+    for way in ways:
+        spent = [r["snapshots"] for r in raw if r["way"] == way and "snapshots" in r]
+        if spent:
+            total = {key: sum(s[key] for s in spent) / len(spent) for key in spent[0]}
+            print(f"({way}) experiment snapshots per study: {total['forced']:.0f} forced by num_to_keep, "
+                  f"{total['forced_s']:.2f} s of the driver's loop; {total['periodic']:.0f} periodic, "
+                  f"{total['periodic_s']:.2f} s")
     name = "tune_overhead" + ("" if args.lengths == [7.0] else "_" + "_".join(f"{t:g}s" for t in args.lengths))
     path = write_json(name, {"args": {k: str(v) for k, v in vars(args).items()}, "steps_and_epochs": plan,
                                         "new_mlflow_db_s": new_db_s, "mlflow_runs": runs, "rows": rows, "runs": raw})

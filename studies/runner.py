@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,15 +21,24 @@ from ray.tune.search.optuna import OptunaSearch
 from studies.cli import apply_args, build_parser
 from studies.preflight import (KEEP_CHECKPOINTS, ResourceError, StorageError, check_data, check_disk,  # noqa: F401
                                check_resources, trial_count)
-from studies.space import check_space, is_grid, largest_state, merge_space
+from studies.space import check_space, is_grid, largest_state, merge_space, variants
+from studies.study_run import parent_params
 from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
 from trainables import TrainConfig, trainable_for
+from trainables.naming import flatten as flat_config
+from trainables.naming import varied_keys
 
 log = logging.getLogger("vision_tune")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
                 "val/recon", "val/kl", "val/elbo", "epoch")
+# num_to_keep forces an experiment snapshot every KEEP_CHECKPOINTS reports, and Tune warns of a bottleneck at
+# every study: measured at ~20 ms of the driver's loop per snapshot (benchmarks/tune_overhead.py), it is not one
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 class MLflowCallback(tune.Callback):
-    """Runs on the driver: one MLflow run per trial (see ``studies/tracking.py``)."""
+    """Runs on the driver: one MLflow run per trial, nested in the study's (see ``studies/tracking.py``);
+    uploads of final checkpoints and models run on the tracker's upload thread, off Tune's event loop."""
 
     def __init__(self, tracker: StudyTracker) -> None:
         self.tracker = tracker
@@ -41,11 +51,8 @@ class MLflowCallback(tune.Callback):
         self.tracker.log_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if trial.checkpoint is None:
-            self.tracker.finish(trial.trial_id, "FINISHED")
-            return
-        with trial.checkpoint.as_directory() as folder:
-            self.tracker.finish(trial.trial_id, "FINISHED", artifacts_dir=folder)
+        checkpoint = trial.checkpoint.as_directory() if trial.checkpoint is not None else None
+        self.tracker.finish(trial.trial_id, "FINISHED", checkpoint=checkpoint)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else None
@@ -75,6 +82,16 @@ def to_choices(space: dict) -> dict:
     """Optuna samples and cannot take Tune's grid: each grid becomes a choice over the same values."""
     return {key: tune.choice(value["grid_search"]) if is_grid(value)
             else to_choices(value) if isinstance(value, dict) else value for key, value in space.items()}
+
+
+def study_variants(base: TrainConfig, space: dict, search: str) -> tuple[list[dict], list[str] | None]:
+    """The study's variants as flat configs in Tune's trial order (its own grid generator), which letter the
+    runs as the analysis does; a sampled search has no variants up front, only the keys that vary."""
+    if search == "optuna":
+        return [], varied_keys(flat_config(v) for v in variants(base, space))
+    from ray.tune.search.variant_generator import generate_variants
+
+    return [flat_config(v) for _, v in generate_variants(merge_space(base.to_dict(), space))], None
 
 
 def _trainable(base: TrainConfig, args):
@@ -161,6 +178,8 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
     if not args.resume:
         check_disk(largest_state(base, space), trial_count(args, space, num_samples), storage, uri)
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
+    tracker.plan(parent_params(base.to_dict(), [sys.argv[0], *argv], metric, mode),
+                 *study_variants(base, space, args.search))
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 
     started = _start_ray(args.address)
@@ -181,7 +200,8 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
             ray.shutdown()
     table = summarize(results, metric, mode)
     write_file(f"{study_dir}/trials.csv", table.to_csv(index=False))
-    _print_summary(table, name, study_dir, uri, metric)
+    mlflow_lines = tracker.end_study(table, metric, mode, args.register_model)
+    _print_summary(table, name, study_dir, uri, metric, tracker.ui_lines() + mlflow_lines)
     return table
 
 
@@ -195,7 +215,8 @@ def write_file(path: str, text: str) -> None:
         stream.write(text.encode())
 
 
-def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str) -> None:
+def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str,
+                   mlflow_lines: list[str]) -> None:
     shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
     print(f"\n=== {name}: {len(table)} trial(s), sorted by {metric} ===")
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -205,8 +226,8 @@ def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, met
     best = table[table["status"] == "OK"]
     if not best.empty:
         print("best config:", {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
-    if uri.startswith("sqlite:"):
-        print(f"MLflow UI: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}")
-    else:
-        print(f"MLflow UI: {uri} (the tracking server; see README, 'Run on a cluster', for port forwarding)")
+    for line in mlflow_lines:  # the UI command and the URL of the study's runs (model-training view)
+        print(line)
+    if not uri.startswith("sqlite:"):
+        print("           (the tracking server; see README, 'Run on a cluster', for port forwarding)")
     print(f"report:    python -m analysis {study_dir} --mlflow-uri {uri}")

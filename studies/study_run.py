@@ -1,0 +1,84 @@
+"""A study's own MLflow run (the parent of its trials' runs), its best model's registration, and the upload
+queue that keeps model and checkpoint uploads off Tune's event loop.
+
+The parent is found again by its tag, so retries, ``--resume`` and a rebuilt report reuse it; within one
+driver a lock makes find-or-create atomic (after a resume the restored callback's tracker and the runner's
+both ask for it).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+
+from trainables.mlflow_store import PARENT_TAG, STUDY_TAG, find_or_create_parent  # noqa: F401
+
+log = logging.getLogger(__name__)
+BEST_TRIAL_TAG, BEST_RUN_TAG = "vision_tune.best_trial", "vision_tune.best_run"
+_uploads: list[cf.Future] = []
+_uploads_lock = threading.Lock()
+_executor: cf.ThreadPoolExecutor | None = None
+
+
+def submit_upload(function, *args) -> None:
+    """Run ``function(*args)`` on the one upload thread of this driver (uploads keep their order)."""
+    global _executor
+    with _uploads_lock:
+        if _executor is None:
+            _executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-upload")
+        _uploads.append(_executor.submit(function, *args))
+
+
+def wait_uploads() -> list[BaseException]:
+    """Block until every queued upload is done; returns (and logs) the errors instead of raising, so that a
+    failed upload never loses a study's results."""
+    with _uploads_lock:
+        pending, _uploads[:] = list(_uploads), []
+    errors = []
+    for future in pending:
+        error = future.exception()
+        if error is not None:
+            log.error("MLflow upload failed: %s", error)
+            errors.append(error)
+    return errors
+
+
+def parent_params(base: dict, argv: list[str], metric: str, mode: str) -> dict[str, str]:
+    """The parent run's params: the base config (flat, as the trials'), the command line, metric and mode."""
+    from trainables.naming import flatten
+
+    params = {key: str(value) for key, value in flatten(base).items()}
+    params.update({"argv": " ".join(argv)[:6000], "metric": metric, "mode": mode})
+    return params
+
+
+def best_trial_id(table, metric: str) -> tuple[str, float] | None:
+    """(Tune trial id, metric) of the summary table's best OK trial (its first row: the table is sorted)."""
+    if table.empty or metric not in table:
+        return None
+    ok = table[(table["status"] == "OK") & table[metric].notna()]
+    if ok.empty:
+        return None
+    folder = str(ok.iloc[0]["trial"])
+    return "_".join(folder.split("_")[-2:]), float(ok.iloc[0][metric])  # trial_dirname: <trainable>_<id>
+
+
+def logged_model_id(client, experiment_id: str, run_id: str, name: str) -> str | None:
+    """The id of the logged model ``name`` that ``run_id`` produced (None when it logged none)."""
+    for model in client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"name = '{name}'"):
+        if model.source_run_id == run_id:
+            return model.model_id
+    return None
+
+
+def register(client, name: str, model_id: str, run_id: str) -> str:
+    """Register a logged model as a new version of registered model ``name``; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    return str(version.version)
