@@ -22,8 +22,8 @@ from studies.study_run import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, logg
                                wait_uploads)
 from trainables.export import MODEL_DIR
 from trainables.lineage import DATASETS_KEY
-from trainables.mlflow_store import (PARENT_TAG, experiment_id, find_or_create_parent, open_client, runs_url,
-                                     ui_command)
+from trainables.mlflow_store import (BrokenStoreError, experiment_id, find_or_create_parent, open_client,
+                                     repair_leftovers, runs_url, sqlite_path, store_lock, ui_command)
 from trainables.naming import VariantNames
 from trainables.naming import flatten as flat_config
 
@@ -71,6 +71,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise FileNotFoundError(f"--mlflow-uri {uri}: folder {folder} does not exist")
+        path = sqlite_path(uri)
+        with store_lock(path):  # a database broken by a creation race is repaired, or refused with the fix
+            try:
+                repair_leftovers(path)
+            except BrokenStoreError as err:
+                raise BrokenStoreError(f"--mlflow-uri {uri}: {err}") from None
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:

@@ -20,6 +20,7 @@ from analysis.load import load_study
 from analysis.tables import label_trials
 from conftest import study_command
 from studies.runner import study_variants
+from studies.tracking import check_reachable
 from trainables.mlflow_store import (PARENT_TAG, BrokenStoreError, experiment_id, find_or_create_parent, open_client,
                                      repair_leftovers, runs_url, store_lock)
 from trainables.naming import VariantNames
@@ -142,6 +143,14 @@ def test_a_half_migrated_store_with_runs_is_refused_with_the_fix(tmp_path):
         assert part in message, message
     with sqlite3.connect(path) as db:  # refused, not touched
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+
+
+def test_a_study_refuses_a_broken_store_before_ray_starts(tmp_path):
+    path = _store_with_runs(tmp_path, 1)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'a8c4a736bde6'")
+    with pytest.raises(BrokenStoreError, match=r"^--mlflow-uri sqlite:///.*half-migrated"):
+        check_reachable(f"sqlite:///{path}")  # run_study's check before Ray starts
 
 
 def test_runs_url_opens_the_model_training_view():
