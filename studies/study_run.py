@@ -8,10 +8,11 @@ both ask for it).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import threading
+from pathlib import Path
 
-from trainables.mlflow_store import PARENT_TAG, STUDY_TAG, find_or_create_parent  # noqa: F401
 
 log = logging.getLogger(__name__)
 BEST_TRIAL_TAG, BEST_RUN_TAG = "vision_tune.best_trial", "vision_tune.best_run"
@@ -82,3 +83,33 @@ def register(client, name: str, model_id: str, run_id: str) -> str:
             raise
     version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
     return str(version.version)
+
+
+def log_dataset_inputs(client, run_ids: list[str], described: str) -> None:
+    """A trial's data sets (``trainables/lineage.py``'s JSON) as dataset inputs of each run; MLflow skips the
+    ones a run already has (a resumed trial reports them again)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for item in json.loads(described):
+        profile = json.dumps({"num_rows": item["size"], "split": item["split"], "image_size": item["image_size"]})
+        dataset = Dataset(name=item["name"], digest=item["digest"], source_type="local",
+                          source=json.dumps({"uri": item["source"]}), profile=profile)
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", item["context"])]))
+    for run_id in run_ids:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def log_model_folder(client, run_id: str, experiment: str, folder: Path, epoch: int, name: str = "model") -> None:
+    """A trial's MLflow model folder as the run's logged model ``name``, recorded as ``mlflow.pytorch.log_model``
+    records one (a LoggedModel from the run, its artifacts, the run's output at the last epoch) without loading
+    the model on the driver; a model already uploaded (before a resume) is not uploaded twice."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    if logged_model_id(client, experiment, run_id, name):
+        return
+    model = client.create_logged_model(experiment, name=name, source_run_id=run_id,
+                                       tags={"mlflow.modelFlavor": "pytorch"}, model_type="pytorch")
+    client.log_model_artifacts(model.model_id, str(folder))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=epoch)])

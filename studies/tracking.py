@@ -8,7 +8,6 @@ trial's data sets become its inputs, and its final model (written by the trial) 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,8 +17,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from studies.study_run import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, logged_model_id, register, submit_upload,
-                               wait_uploads)
+from studies.study_run import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, log_dataset_inputs, log_model_folder,
+                               logged_model_id, register, submit_upload, wait_uploads)
 from trainables.export import MODEL_DIR
 from trainables.lineage import DATASETS_KEY
 from trainables.mlflow_store import (BrokenStoreError, experiment_id, find_or_create_parent, open_client,
@@ -194,7 +193,11 @@ class StudyTracker:
         """One epoch's metrics at step = epoch; epochs already in MLflow are skipped."""
         run_id, last = self._runs[trial_id]
         if DATASETS_KEY in result and run_id not in self._inputs:
-            self._log_inputs(run_id, result[DATASETS_KEY])
+            # the trial's data sets; the parent run gets them too, so its row in the runs table names them
+            runs = [run_id] if "parent inputs" in self._ids else [run_id, self.parent_run_id()]
+            log_dataset_inputs(self.client, runs, result[DATASETS_KEY])
+            self._inputs.add(run_id)
+            self._ids["parent inputs"] = "logged"
         epoch = int(result.get(STEP_METRIC, result.get("training_iteration", 0)))
         if epoch <= last:
             return
@@ -204,19 +207,6 @@ class StudyTracker:
         metrics = [Metric(key, value, timestamp, epoch) for key, value in numeric_metrics(result).items()]
         self.client.log_batch(run_id, metrics=metrics)
         self._runs[trial_id] = (run_id, epoch)
-
-    def _log_inputs(self, run_id: str, described: str) -> None:
-        """The trial's data sets (``trainables/lineage.py``) as dataset inputs; MLflow skips ones it has."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        inputs = []
-        for item in json.loads(described):
-            profile = json.dumps({"num_rows": item["size"], "split": item["split"], "image_size": item["image_size"]})
-            dataset = Dataset(name=item["name"], digest=item["digest"], source_type="local",
-                              source=json.dumps({"uri": item["source"]}), profile=profile)
-            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", item["context"])]))
-        self.client.log_inputs(run_id, datasets=inputs)
-        self._inputs.add(run_id)
 
     def finish(self, trial_id: str, status: str, checkpoint=None, error: str | None = None) -> None:
         """Close the trial's run. ``checkpoint`` (a context manager giving the final checkpoint's folder) is
@@ -242,22 +232,9 @@ class StudyTracker:
                     else:
                         self.client.log_artifact(run_id, str(item), artifact_path="checkpoint")
                 if (Path(folder) / MODEL_DIR / "MLmodel").is_file():
-                    self._log_model(run_id, experiment, Path(folder) / MODEL_DIR, epoch)
+                    log_model_folder(self.client, run_id, experiment, Path(folder) / MODEL_DIR, epoch)
         finally:
             self.client.set_terminated(run_id, status=status)
-
-    def _log_model(self, run_id: str, experiment: str, folder: Path, epoch: int) -> None:
-        """The trial's MLflow model folder as its logged model ``model`` (as ``mlflow.pytorch.log_model``
-        records one: a LoggedModel from the run, its artifacts, the run's output at the last epoch)."""
-        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-
-        if logged_model_id(self.client, experiment, run_id, MODEL_DIR):  # uploaded before a resume
-            return
-        model = self.client.create_logged_model(experiment, name=MODEL_DIR, source_run_id=run_id,
-                                                tags={"mlflow.modelFlavor": "pytorch"}, model_type="pytorch")
-        self.client.log_model_artifacts(model.model_id, str(folder))
-        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=epoch)])
 
     def end_study(self, table, metric: str, mode: str, register_as: str | None = None) -> list[str]:
         """After ``fit``: wait for the uploads, record the best trial on the parent run (and register its

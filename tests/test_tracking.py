@@ -94,7 +94,8 @@ def test_four_processes_open_a_new_sqlite_store_at_once(tmp_path):
     assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 8  # a parent and a trial run per study
-        assert not db.execute("SELECT name FROM sqlite_master WHERE name LIKE '\\_alembic\\_tmp%' ESCAPE '\\'").fetchall()
+        names = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        assert not [name for name in names if name.startswith("_alembic_tmp")]
     assert (tmp_path / "mlflow.db.lock").is_file()
 
 
@@ -138,8 +139,8 @@ def test_a_half_migrated_store_with_runs_is_refused_with_the_fix(tmp_path):
     with pytest.raises(BrokenStoreError) as caught:
         repair_leftovers(path)
     message = str(caught.value)
-    for part in (str(path), "_alembic_tmp_experiments", "1 run(s)", f"sqlite3 {path} 'DROP TABLE _alembic_tmp_experiments'",
-                 f"mlflow db upgrade sqlite:///{path}", f"cp {path} {path}.bak"):
+    for part in (str(path), "_alembic_tmp_experiments", "1 run(s)", f"cp {path} {path}.bak",
+                 f"sqlite3 {path} 'DROP TABLE _alembic_tmp_experiments'", f"mlflow db upgrade sqlite:///{path}"):
         assert part in message, message
     with sqlite3.connect(path) as db:  # refused, not touched
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
@@ -196,6 +197,7 @@ def test_one_parent_run_with_every_trial_nested_and_named(sqlite_study):
     assert parent.data.params["metric"] == "val/loss" and parent.data.params["mode"] == "min"
     assert parent.data.params["model"] == "conv_vae" and "--register-model" in parent.data.params["argv"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"mnist5k"}  # the Dataset column of its row
     # named as the analysis letters its trials
     study = load_study(sqlite_study["dir"])
     labelled = label_trials(study.trials)
@@ -230,6 +232,7 @@ def test_the_final_model_loads_on_cpu_predicts_and_is_registered(sqlite_study):
 
     client, _, parents, trials = _runs(sqlite_study["uri"])
     best_run = parents[0].data.tags["vision_tune.best_run"]
+    mlflow.set_tracking_uri(sqlite_study["uri"])  # runs:/ URIs resolve through the global tracking URI
     model = mlflow.pytorch.load_model(f"runs:/{best_run}/model", map_location="cpu")
     images = torch.rand(3, 1, 28, 28)
     recon = model(images)

@@ -38,8 +38,7 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
     with torch.no_grad():
         outputs = served(inputs)
     signature = infer_signature(inputs.numpy(), outputs.numpy())
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-                    f"numpy=={np.__version__}"]
+    requirements = [f"{module.__name__}=={module.__version__.split('+')[0]}" for module in (torch, torchvision, np)]
     # explicit requirements: inferring them loads the model again in a subprocess (seconds per trial).
     # pickle, not MLflow 3's default pt2: torch.export traces for seconds and fixes the batch size at the
     # example's 1; the pickled module takes any batch, and its classes travel as code (vision_models).
