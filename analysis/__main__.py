@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.mlflow_uri or study.mlflow_uri
     if not args.no_mlflow:
         if uri:
-            run_id, url = log_report(uri, study.name, out, {"vision_tune.study_dir": str(study.path)})
+            run_id, url = log_report(uri, study.name, out, str(study.path))
             progress(f"MLflow: report/ of the study's run {run_id} in experiment {study.name} at {uri}")
             progress(f"MLflow runs: {url}")
         else:

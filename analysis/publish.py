@@ -12,13 +12,14 @@ from trainables.mlflow_store import experiment_id, find_or_create_parent, open_c
 REPORT_TAG = "vision_tune.report"
 
 
-def log_report(uri: str, experiment: str, folder: Path, tags: dict | None = None) -> tuple[str, str]:
-    """Upload ``folder`` as ``report/`` of the study's parent run; returns (run id, URL of the study's runs)."""
+def log_report(uri: str, experiment: str, folder: Path, study_dir: str, tags: dict | None = None) -> tuple[str, str]:
+    """Upload ``folder`` as ``report/`` of the parent run of the study in ``study_dir``; returns (run id, URL of
+    the study's runs)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: to the cwd, as the runner
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     client = open_client(uri)
     experiment_id_ = experiment_id(client, uri, experiment)
-    run_id = find_or_create_parent(client, experiment_id_, experiment)
+    run_id = find_or_create_parent(client, experiment_id_, experiment, study_dir, any_folder=True)
     for key, value in {REPORT_TAG: "true", **(tags or {})}.items():
         client.set_tag(run_id, key, value)
     client.log_artifacts(run_id, str(folder), artifact_path="report")

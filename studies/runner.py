@@ -178,7 +178,7 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
     if not args.resume:
         check_disk(largest_state(base, space), trial_count(args, space, num_samples), storage, uri)
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
-    tracker.plan(parent_params(base.to_dict(), [sys.argv[0], *argv], metric, mode),
+    tracker.plan(study_dir, parent_params(base.to_dict(), [sys.argv[0], *argv], metric, mode),
                  *study_variants(base, space, args.search))
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 

@@ -106,7 +106,8 @@ class StudyTracker:
         self.uri = uri
         self.experiment = experiment
         self.study_tags = study_tags or {}
-        self.params: dict[str, str] | None = None  # the parent run's, see ``plan``
+        self.study_dir = ""  # the parent run's key and params, see ``plan``
+        self.params: dict[str, str] | None = None
         self.names = VariantNames([])
         self._client = None
         self._runs: dict[str, tuple[str, int]] = {}  # trial id -> (run id, last logged epoch)
@@ -119,10 +120,16 @@ class StudyTracker:
         return {**self.__dict__, "_client": None, "_runs": {}, "_ids": {}, "_inputs": set(), "_warming": None,
                 "_warm_error": None}
 
-    def plan(self, params: dict[str, str], variants: list[dict], varied: list[str] | None = None) -> None:
-        """The parent run's params and the study's variants (flat configs in Tune's trial order) that name its
-        trials' runs; ``varied`` lists the keys that vary when the variants are not known (a sampled search)."""
-        self.params = params
+    def __setstate__(self, state: dict) -> None:  # a tracker pickled by an older version lacks newer fields
+        self.__init__(state["uri"], state["experiment"], state.get("study_tags"))
+        self.__dict__.update(state)
+
+    def plan(self, study_dir: str, params: dict[str, str], variants: list[dict],
+             varied: list[str] | None = None) -> None:
+        """The study's folder and the parent run's params, and the study's variants (flat configs in Tune's trial
+        order) that name its trials' runs; ``varied``: the keys that vary when the variants are not known (a
+        sampled search)."""
+        self.study_dir, self.params = study_dir, params
         self.names = VariantNames(variants, varied)
 
     def warm_up(self) -> None:
@@ -157,7 +164,8 @@ class StudyTracker:
     def parent_run_id(self) -> str:
         """The study's own run, found by tag (after a retry or ``--resume``) or created with ``plan``'s params."""
         if "parent" not in self._ids:
-            parent = find_or_create_parent(self.client, self.experiment_id(), self.experiment, self.params)
+            parent = find_or_create_parent(self.client, self.experiment_id(), self.experiment, self.study_dir,
+                                           self.params)
             self.client.update_run(parent, status="RUNNING")
             self._ids["parent"] = parent
         return self._ids["parent"]

@@ -74,7 +74,7 @@ def _open_and_log(uri: str, study: str, start) -> None:
     start.wait()  # all four at once, on a database that does not exist yet
     client = open_client(uri)
     experiment = experiment_id(client, uri, study)
-    parent = find_or_create_parent(client, experiment, study, {"metric": "val/loss"})
+    parent = find_or_create_parent(client, experiment, study, f"/results/{study}", {"metric": "val/loss"})
     run = client.create_run(experiment, run_name="A base config", tags={"mlflow.parentRunId": parent})
     client.log_metric(run.info.run_id, "val/loss", 1.0, step=1)
     client.set_terminated(run.info.run_id)
@@ -239,7 +239,8 @@ def test_the_final_model_loads_on_cpu_predicts_and_is_registered(sqlite_study):
     assert recon.shape == (3, 1, 28, 28) and bool(((recon >= 0) & (recon <= 1)).all())
     info = mlflow.models.get_model_info(f"runs:/{best_run}/model")
     assert json.loads(info.signature.to_dict()["inputs"])[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
-    assert np.asarray(info.load_input_example(), dtype=np.float32).shape == (1, 1, 28, 28)
+    local = mlflow.artifacts.download_artifacts(f"runs:/{best_run}/model")
+    assert np.asarray(mlflow.models.Model.load(local).load_input_example(local)).shape == (1, 1, 28, 28)
     for run in trials:  # every finished trial has one, beside its checkpoint as before
         assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
         assert [m.name for m in client.search_logged_models([run.info.experiment_id],

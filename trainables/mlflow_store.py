@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 UI_HOST, UI_PORT = "127.0.0.1", 5000
 PARENT_TAG = "vision_tune.study_run"  # "true" on the one run per study that its trials' runs nest under
 STUDY_TAG = "vision_tune.study"
+STUDY_DIR_TAG = "vision_tune.study_dir"  # one parent per study folder: a study name run in two --storage is two
 _LEFTOVER = "_alembic_tmp_"
 _parent_lock = threading.Lock()
 
@@ -61,24 +62,40 @@ def open_client(uri: str):
 def experiment_id(client, uri: str, name: str) -> str:
     """The experiment ``name``, created when missing; beside a sqlite database its artifacts go into
     ``mlartifacts/<name>`` next to the file (not into whatever folder the process runs in)."""
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(name)
     if found:
         return found.experiment_id
     path = sqlite_path(uri)
     location = (path.parent / "mlartifacts" / name).as_uri() if path else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another study of this name created it since (names are unique)
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
-def find_or_create_parent(client, experiment: str, study: str, params: dict[str, str] | None = None) -> str:
-    """The study's parent run (found by ``PARENT_TAG``; the oldest if several), created when missing."""
+def find_or_create_parent(client, experiment: str, study: str, study_dir: str, params: dict[str, str] | None = None,
+                          *, any_folder: bool = False) -> str:
+    """The parent run of the study in ``study_dir`` (found by tags; the oldest if several), created when missing.
+    ``any_folder``: else the experiment's only parent (a report built from a copied study folder)."""
     from mlflow.entities import Param
 
+    def search(extra: str) -> list:
+        return client.search_runs([experiment], f"tags.`{PARENT_TAG}` = 'true'{extra}", max_results=2,
+                                  order_by=["attributes.start_time ASC"])
+
     with _parent_lock:  # atomic within this process; a study runs from one driver at a time
-        found = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = 'true'", max_results=1,
-                                   order_by=["attributes.start_time ASC"])
+        found = search(f" AND tags.`{STUDY_DIR_TAG}` = '{study_dir}'")
+        if not found and any_folder and len(others := search("")) == 1:
+            found = others
         if found:
             return found[0].info.run_id
-        run_id = client.create_run(experiment, run_name=study, tags={PARENT_TAG: "true", STUDY_TAG: study}).info.run_id
+        tags = {PARENT_TAG: "true", STUDY_TAG: study, STUDY_DIR_TAG: study_dir}
+        run_id = client.create_run(experiment, run_name=study, tags=tags).info.run_id
         if params:
             client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
         return run_id
