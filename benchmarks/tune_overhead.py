@@ -1,9 +1,10 @@
 """What does a study through our runner cost over the same training in a plain process pool?
 
 N trials of the VAE on embedded mnist5k (our trainable: 4+ epochs, a checkpoint per epoch, end-of-trial
-artifacts), each calibrated to about T seconds of training, run four ways (five with --ways ... reuse) with
+artifacts and the MLflow model folder, which run_trial writes in every way), each calibrated to about T seconds of training, run four ways (five with --ways ... reuse) with
 the same parallelism P:
-  (a) ours:   run_study (Ray Tune, reuse_actors, MLflow on sqlite, CheckpointConfig(num_to_keep=2))
+  (a) ours:   run_study (Ray Tune, reuse_actors, CheckpointConfig(num_to_keep=2), MLflow on sqlite: a parent
+              run, nested trial runs with dataset inputs, final checkpoints and models uploaded off Tune's loop)
   (b) pool:   ProcessPoolExecutor(P) (spawn: workers import torch, as Ray's do) calling run_trial with
               a LocalSession (checkpoints copied to a folder) -- the limit
   (c) optuna: study.optimize(n_jobs=P), which runs trials in *threads* of one process; run_trial sets
@@ -17,7 +18,9 @@ run in a fresh Python process each (imports done before timing, as for (b) and (
 Ray itself as in a CLI run (its MLflow set-up overlaps that start). (a) logs into an MLflow database that
 already exists, as after a first study; creating a new one (schema migrations, once) is timed apart.
 Ray runs its workers at niceness 15; the pool's workers and Optuna's trial threads get the same (--nice),
-so that on a shared machine other users' load slows every way alike.
+so that on a shared machine other users' load slows every way alike. For (a) and (e) the driver's time in Tune's
+experiment snapshots is counted apart for those ``num_to_keep`` forces (Tune's "snapshotting has been triggered
+multiple times ... may become a bottleneck" warning, which the runner silences on this evidence).
 
     python benchmarks/tune_overhead.py                       # 8 trials of ~7 s, 2 rounds (ABBA): ~6.5 min on 2 cores
     python benchmarks/tune_overhead.py --lengths 2           # ~3.5 min
@@ -254,14 +257,19 @@ def new_mlflow_db(path: Path) -> float:
 
 
 def mlflow_runs(path: Path) -> dict:
-    """(a)'s MLflow runs by status and val/loss epochs per run, read with sqlite3 (no MLflow import here)."""
-    join = "FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id WHERE e.name = ?"
+    """(a)'s trial runs by status (its parent runs apart) and val/loss epochs per trial run, read with sqlite3 (no
+    MLflow import here)."""
+    join = ("FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id WHERE e.name = ? AND r.run_uuid IN "
+            "(SELECT run_uuid FROM tags WHERE key = 'vision_tune.trial_id')")
     with sqlite3.connect(path) as db:
         runs = dict(db.execute(f"SELECT r.status, COUNT(*) {join} GROUP BY r.status", (STUDY,)).fetchall())
         epochs = db.execute(f"SELECT COUNT(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
                             f"JOIN experiments e ON r.experiment_id = e.experiment_id "
                             f"WHERE e.name = ? AND m.key = 'val/loss'", (STUDY,)).fetchone()[0]
-    return {**runs, "val_loss_epochs_per_run": epochs / max(sum(runs.values()), 1)}
+        parents = db.execute("SELECT COUNT(*) FROM tags WHERE key = 'vision_tune.study_run'").fetchone()[0]
+        models = db.execute("SELECT COUNT(*) FROM logged_models").fetchone()[0]
+    return {**runs, "val_loss_epochs_per_run": epochs / max(sum(runs.values()), 1), "parent_runs": parents,
+            "logged_models": models}
 
 
 RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna, "plain": run_in_child("plain"),

@@ -73,7 +73,8 @@ def logged_model_id(client, experiment_id: str, run_id: str, name: str) -> str |
 
 
 def register(client, name: str, model_id: str, run_id: str) -> str:
-    """Register a logged model as a new version of registered model ``name``; returns the version."""
+    """Register a logged model as a new version of registered model ``name`` (once: a resumed study that ends
+    again keeps the version it registered); returns the version."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -81,6 +82,9 @@ def register(client, name: str, model_id: str, run_id: str) -> str:
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    for version in client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
+        if version.model_id in (model_id, None):
+            return str(version.version)
     version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
     return str(version.version)
 

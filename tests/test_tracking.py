@@ -189,6 +189,7 @@ def _runs(uri: str):
     return client, experiment, parents, [r for r in runs if r not in parents]
 
 
+@pytest.mark.slow
 def test_one_parent_run_with_every_trial_nested_and_named(sqlite_study):
     client, _, parents, trials = _runs(sqlite_study["uri"])
     assert len(parents) == 1 and len(trials) == 5  # after --resume too: no second parent, no duplicate trial
@@ -214,6 +215,7 @@ def test_one_parent_run_with_every_trial_nested_and_named(sqlite_study):
     assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
 
+@pytest.mark.slow
 def test_trials_log_their_data_sets_as_inputs(sqlite_study):
     _, _, _, trials = _runs(sqlite_study["uri"])
     for run in trials:
@@ -227,6 +229,7 @@ def test_trials_log_their_data_sets_as_inputs(sqlite_study):
     assert len({d.dataset.digest for r in trials for d in r.inputs.dataset_inputs}) == 2  # same data, same digests
 
 
+@pytest.mark.slow
 def test_the_final_model_loads_on_cpu_predicts_and_is_registered(sqlite_study):
     import mlflow.pytorch
 
@@ -247,16 +250,19 @@ def test_the_final_model_loads_on_cpu_predicts_and_is_registered(sqlite_study):
                                                             filter_string=f"source_run_id = '{run.info.run_id}'")] \
             == ["model"]
     versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
-    assert [(v.version, v.run_id) for v in versions] == [("1", best_run)]
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", best_run)]  # not registered again on --resume
     assert f"registered: model '{MODEL_NAME}' version 1" in sqlite_study["out"]
+    assert f"registered: model '{MODEL_NAME}' version 1" in sqlite_study["resumed"]
 
 
+@pytest.mark.slow
 def test_trials_report_system_figures(sqlite_study):
     client, _, _, trials = _runs(sqlite_study["uri"])
     for run in trials:
         assert 50 < run.data.metrics["system/peak_rss_mib"] < 64_000 and run.data.metrics["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_the_summary_prints_the_runs_view_of_an_experiment_that_exists(sqlite_study):
     _, experiment, _, _ = _runs(sqlite_study["uri"])
     url = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
