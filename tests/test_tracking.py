@@ -268,3 +268,45 @@ def test_the_summary_prints_the_runs_view_of_an_experiment_that_exists(sqlite_st
     url = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
     assert f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {sqlite_study['uri']}" in sqlite_study["out"]
     assert url in sqlite_study["out"] and url in sqlite_study["report"]
+
+
+# --- what a trial reports about itself ---
+
+def test_a_file_digest_changes_with_any_file_and_not_with_the_root(tmp_path):
+    from trainables.lineage import _file_digest
+
+    def digest(root):
+        return _file_digest([str(p) for p in root.rglob("*.png")], root)
+
+    for root in (tmp_path / "a", tmp_path / "b"):
+        (root / "masks").mkdir(parents=True)
+        (root / "masks" / "1.png").write_bytes(b"x" * 10)
+        (root / "2.png").write_bytes(b"y" * 20)
+    same = digest(tmp_path / "a")
+    assert same == digest(tmp_path / "b")  # a copied data set keeps its digest
+    (tmp_path / "b" / "masks" / "1.png").write_bytes(b"x" * 11)
+    assert digest(tmp_path / "b") != same
+
+
+def test_embedded_sets_describe_their_split_size_and_source(data_root):
+    from trainables import ClassifyConfig
+    from trainables.data import build_dataset
+    from trainables.lineage import dataset_inputs
+
+    config = ClassifyConfig(model="resnet18", dataset="digits", image_size=8, val_samples=100, data_root=str(data_root))
+    train, val = (build_dataset("digits", split, data_root, 8) for split in ("train", "val"))
+    described = json.loads(dataset_inputs(config, train, val))
+    assert [(d["split"], d["context"], d["size"]) for d in described] == [("train", "training", len(train)),
+                                                                           ("val", "validation", 100)]
+    assert described[0]["digest"] != described[1]["digest"] and described[0]["source"].endswith("digits.csv.gz")
+
+
+def test_system_figures_report_this_processs_peak_memory():
+    from trainables.system import SystemMonitor
+
+    monitor = SystemMonitor(torch.device("cpu"))
+    before = monitor.epoch_figures()["system/peak_rss_mib"]
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB touched
+    after = monitor.epoch_figures()["system/peak_rss_mib"]
+    monitor.close()
+    assert after - before > 250 and block.sum() > 0
