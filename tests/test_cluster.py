@@ -296,7 +296,12 @@ def test_mlflow_server_holds_the_parent_named_trials_inputs_and_the_registered_m
         names = {d.dataset.name for d in run.inputs.dataset_inputs}
         assert contexts == {"training", "validation"} and names == {"mnist5k"}
     best = parents[0].data.tags["vision_tune.best_run"]
-    model = mlflow.pytorch.load_model(f"runs:/{best}/model", map_location="cpu")  # through the server's artifacts
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # runs:/ URIs resolve through the global tracking URI
+    try:
+        model = mlflow.pytorch.load_model(f"runs:/{best}/model", map_location="cpu")  # through the server's artifacts
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
     [version] = client.search_model_versions(f"name = '{REGISTERED}'")
     assert version.run_id == best and f"registered: model '{REGISTERED}' version {version.version}" in study["out"]

@@ -235,14 +235,17 @@ def test_the_final_model_loads_on_cpu_predicts_and_is_registered(sqlite_study):
 
     client, _, parents, trials = _runs(sqlite_study["uri"])
     best_run = parents[0].data.tags["vision_tune.best_run"]
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(sqlite_study["uri"])  # runs:/ URIs resolve through the global tracking URI
-    model = mlflow.pytorch.load_model(f"runs:/{best_run}/model", map_location="cpu")
-    images = torch.rand(3, 1, 28, 28)
-    recon = model(images)
+    try:
+        model = mlflow.pytorch.load_model(f"runs:/{best_run}/model", map_location="cpu")
+        info = mlflow.models.get_model_info(f"runs:/{best_run}/model")
+        local = mlflow.artifacts.download_artifacts(f"runs:/{best_run}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    recon = model(torch.rand(3, 1, 28, 28))
     assert recon.shape == (3, 1, 28, 28) and bool(((recon >= 0) & (recon <= 1)).all())
-    info = mlflow.models.get_model_info(f"runs:/{best_run}/model")
     assert json.loads(info.signature.to_dict()["inputs"])[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
-    local = mlflow.artifacts.download_artifacts(f"runs:/{best_run}/model")
     assert np.asarray(mlflow.models.Model.load(local).load_input_example(local)).shape == (1, 1, 28, 28)
     for run in trials:  # every finished trial has one, beside its checkpoint as before
         assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
