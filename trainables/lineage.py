@@ -20,8 +20,10 @@ CONTEXTS = {"train": "training", "val": "validation"}  # MLflow's context tag va
 
 
 def _files(dataset: Dataset) -> list[str] | None:
-    files = [*getattr(dataset, "images", []), *getattr(dataset, "masks", [])]
-    return [str(f) for f in files] if files and isinstance(files[0], (str, Path)) else None
+    """The image and mask paths of a folder-backed set (torchvision's VOC keeps them as lists)."""
+    files = [f for name in ("images", "masks") if isinstance(found := getattr(dataset, name, None), list)
+             for f in found]
+    return [str(f) for f in files] if files and all(isinstance(f, (str, Path)) for f in files) else None
 
 
 def _arrays(dataset: Dataset) -> list:
