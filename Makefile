@@ -7,6 +7,9 @@ STORAGE ?= $(CURDIR)/results
 MLFLOW_DB ?= $(CURDIR)/mlflow.db
 
 .PHONY: demo test install clean
+# the UI opens MLflow 3's GenAI overview (traces, none here); this URL opens the study's runs table instead
+export RUNS_URL := import sys; from trainables.mlflow_store import open_client, runs_url; \
+	print(runs_url(sys.argv[1], open_client(sys.argv[1]).get_experiment_by_name(sys.argv[2]).experiment_id))
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +30,10 @@ demo: $(STAMP)
 	@echo "MLflow DB:      $(MLFLOW_DB)"
 	@echo "Report:         $(STORAGE)/seg_optimizers/report/index.html"
 	@echo "MLflow UI:      $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_DB)"
+	@echo "MLflow runs:    $$($(PY) -c "$$RUNS_URL" sqlite:///$(MLFLOW_DB) seg_optimizers)  (the study's runs table, once the UI is up)"
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) results mlflow.db
+	rm -rf $(VENV) results mlflow.db mlflow.db.lock

@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.mlflow_uri or study.mlflow_uri
     if not args.no_mlflow:
         if uri:
-            run_id = log_report(uri, study.name, out, {"vision_tune.study_dir": str(study.path)})
-            progress(f"MLflow: run 'report' {run_id} in experiment {study.name} at {uri}")
+            run_id, url = log_report(uri, study.name, out, str(study.path))
+            progress(f"MLflow: report/ of the study's run {run_id} in experiment {study.name} at {uri}")
+            progress(f"MLflow runs: {url}")
         else:
             progress("MLflow: no URI in study.json and no --mlflow-uri: not logged")
     progress(f"{len(report.entries)} item(s) written")

@@ -11,7 +11,7 @@ import re
 import pandas as pd
 
 from analysis.load import Study
-from trainables import stats
+from trainables.naming import VariantNames, fmt, letters  # noqa: F401  (letters: the report's names, re-exported)
 
 METRICS = {
     "classification": ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou"),
@@ -19,7 +19,6 @@ METRICS = {
     "generation": ("train/loss", "val/loss", "val/recon", "val/kl", "val/elbo"),
 }
 RATES = {"val/accuracy", "val/precision", "val/recall", "val/miou"}  # shown as percentages, as Table I
-NOT_A_VARIANT = set(stats.NOT_A_VARIANT)  # samples of one setting differ by seed only (one definition with the verdict)
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
 
 
@@ -35,35 +34,16 @@ def short_id(trial: str) -> str:
     return found.group(1) if found else trial
 
 
-def letters(index: int) -> str:
-    """0 -> A, 25 -> Z, 26 -> AA: variant names as the report's."""
-    name = ""
-    index += 1
-    while index:
-        index, rest = divmod(index - 1, 26)
-        name = chr(ord("A") + rest) + name
-    return name
-
-
-def fmt(value) -> str:
-    """A config value for a legend or a table cell (missing: '-', floats without noise)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def label_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """Add ``variant`` (A, B, ...), ``label`` (A or A.1) and ``setting`` (the varied values, for legends)."""
     trials = trials.copy()
-    varied = [c for c in varied_params(trials) if c not in NOT_A_VARIANT]
     order = sorted(range(len(trials)), key=lambda i: trials["trial"].iloc[i])  # trial index = grid order
-    keys = trials[varied].map(fmt).agg("|".join, axis=1) if varied else pd.Series("", index=trials.index)
-    names: dict[str, str] = {}
-    for i in order:
-        names.setdefault(keys.iloc[i], letters(len(names)))
-    trials["variant"] = [names[k] for k in keys]
+    configs = [{c[len("config/"):]: v for c, v in row.items() if c.startswith("config/")}
+               for _, row in trials.iterrows()]
+    # the runner names MLflow runs with the same letters (trainables/naming.py), from Tune's grid order
+    names = VariantNames(configs[i] for i in order)
+    varied = [f"config/{key}" for key in names.varied]
+    trials["variant"] = [names.letter(config) for config in configs]
     counts = trials["variant"].value_counts()
     seen: dict[str, int] = {}
     labels = {}

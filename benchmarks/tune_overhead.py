@@ -1,9 +1,10 @@
 """What does a study through our runner cost over the same training in a plain process pool?
 
 N trials of the VAE on embedded mnist5k (our trainable: 4+ epochs, a checkpoint per epoch, end-of-trial
-artifacts), each calibrated to about T seconds of training, run four ways (five with --ways ... reuse) with
+artifacts and the MLflow model folder, which run_trial writes in every way), each calibrated to about T seconds of training, run four ways (five with --ways ... reuse) with
 the same parallelism P:
-  (a) ours:   run_study (Ray Tune, reuse_actors, MLflow on sqlite, CheckpointConfig(num_to_keep=2))
+  (a) ours:   run_study (Ray Tune, reuse_actors, CheckpointConfig(num_to_keep=2), MLflow on sqlite: a parent
+              run, nested trial runs with dataset inputs, final checkpoints and models uploaded off Tune's loop)
   (b) pool:   ProcessPoolExecutor(P) (spawn: workers import torch, as Ray's do) calling run_trial with
               a LocalSession (checkpoints copied to a folder) -- the limit
   (c) optuna: study.optimize(n_jobs=P), which runs trials in *threads* of one process; run_trial sets
@@ -17,7 +18,9 @@ run in a fresh Python process each (imports done before timing, as for (b) and (
 Ray itself as in a CLI run (its MLflow set-up overlaps that start). (a) logs into an MLflow database that
 already exists, as after a first study; creating a new one (schema migrations, once) is timed apart.
 Ray runs its workers at niceness 15; the pool's workers and Optuna's trial threads get the same (--nice),
-so that on a shared machine other users' load slows every way alike.
+so that on a shared machine other users' load slows every way alike. For (a) and (e) the driver's time in Tune's
+experiment snapshots is counted apart for those ``num_to_keep`` forces (Tune's "snapshotting has been triggered
+multiple times ... may become a bottleneck" warning, which the runner silences on this evidence).
 
     python benchmarks/tune_overhead.py                       # 8 trials of ~7 s, 2 rounds (ABBA): ~6.5 min on 2 cores
     python benchmarks/tune_overhead.py --lengths 2           # ~3.5 min
@@ -176,6 +179,7 @@ def child(way: str, workers: int, tmp: Path) -> dict:
 
     configs = json.loads((tmp / "configs.json").read_text())
     seeds = tune.grid_search([c["seed"] for c in configs])
+    snapshots = _time_snapshots()
     if way == "ours":  # as the CLI runs: run_study starts and stops Ray itself; those two calls are timed apart
         spent = [0.0]
         runner._start_ray, ray.shutdown = _timed(runner._start_ray, spent), _timed(ray.shutdown, spent)
@@ -206,7 +210,30 @@ def child(way: str, workers: int, tmp: Path) -> dict:
     kept = sorted((tmp / "storage").glob("*/*/checkpoint_*"))
     size = sum(f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file())
     return {"wall_s": wall, "ray_start_s": ray_start, **result, "checkpoints_kept": len(kept),
-            "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2)}
+            "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2), "snapshots": snapshots}
+
+
+def _time_snapshots() -> dict:
+    """Count Tune's experiment snapshots in this driver and the seconds its event loop spends in them, apart for
+    the ones ``CheckpointConfig(num_to_keep)`` forces (Tune's "snapshotting has been triggered multiple times")."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
+
+    spent = {"forced": 0, "forced_s": 0.0, "periodic": 0, "periodic_s": 0.0}
+    original = Manager.sync_up_experiment_state
+
+    def timed(self, save_fn, force: bool = False, wait: bool = False):
+        forced, before = force or self._should_force_sync_up, self._last_save_time
+        start = time.perf_counter()
+        try:
+            return original(self, save_fn, force=force, wait=wait)
+        finally:
+            if self._last_save_time != before:  # it did save (not skipped as too soon)
+                kind = "forced" if forced else "periodic"
+                spent[kind] += 1
+                spent[f"{kind}_s"] += time.perf_counter() - start
+
+    Manager.sync_up_experiment_state = timed
+    return spent
 
 
 def _timed(function, spent: list[float]):
@@ -230,14 +257,19 @@ def new_mlflow_db(path: Path) -> float:
 
 
 def mlflow_runs(path: Path) -> dict:
-    """(a)'s MLflow runs by status and val/loss epochs per run, read with sqlite3 (no MLflow import here)."""
-    join = "FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id WHERE e.name = ?"
+    """(a)'s trial runs by status (its parent runs apart) and val/loss epochs per trial run, read with sqlite3 (no
+    MLflow import here)."""
+    join = ("FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id WHERE e.name = ? AND r.run_uuid IN "
+            "(SELECT run_uuid FROM tags WHERE key = 'vision_tune.trial_id')")
     with sqlite3.connect(path) as db:
         runs = dict(db.execute(f"SELECT r.status, COUNT(*) {join} GROUP BY r.status", (STUDY,)).fetchall())
         epochs = db.execute(f"SELECT COUNT(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
                             f"JOIN experiments e ON r.experiment_id = e.experiment_id "
                             f"WHERE e.name = ? AND m.key = 'val/loss'", (STUDY,)).fetchone()[0]
-    return {**runs, "val_loss_epochs_per_run": epochs / max(sum(runs.values()), 1)}
+        parents = db.execute("SELECT COUNT(*) FROM tags WHERE key = 'vision_tune.study_run'").fetchone()[0]
+        models = db.execute("SELECT COUNT(*) FROM logged_models").fetchone()[0]
+    return {**runs, "val_loss_epochs_per_run": epochs / max(sum(runs.values()), 1), "parent_runs": parents,
+            "logged_models": models}
 
 
 RUNNERS = {"pool": run_pool, "ours": run_in_child("ours"), "optuna": run_optuna, "plain": run_in_child("plain"),
@@ -300,6 +332,13 @@ def main() -> None:
     if new_db_s is not None:
         print(f"(a) checks: {runs} MLflow runs; a new MLflow database took {new_db_s:.1f} s once "
               "(a CLI study overlaps it with Ray's start)")
+    for way in ways:
+        spent = [r["snapshots"] for r in raw if r["way"] == way and "snapshots" in r]
+        if spent:
+            total = {key: sum(s[key] for s in spent) / len(spent) for key in spent[0]}
+            print(f"({way}) experiment snapshots per study: {total['forced']:.0f} forced by num_to_keep, "
+                  f"{total['forced_s']:.2f} s of the driver's loop; {total['periodic']:.0f} periodic, "
+                  f"{total['periodic_s']:.2f} s")
     name = "tune_overhead" + ("" if args.lengths == [7.0] else "_" + "_".join(f"{t:g}s" for t in args.lengths))
     path = write_json(name, {"args": {k: str(v) for k, v in vars(args).items()}, "steps_and_epochs": plan,
                                         "new_mlflow_db_s": new_db_s, "mlflow_runs": runs, "rows": rows, "runs": raw})

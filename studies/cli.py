@@ -49,6 +49,7 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     search.add_argument("--max-concurrent", type=int, help="trials running at once (default: as resources allow)")
     track = parser.add_argument_group("tracking and recovery")
     track.add_argument("--mlflow-uri", help="default: sqlite:///<cwd>/mlflow.db; or http://host:5000")
+    track.add_argument("--register-model", metavar="NAME", help="register the best trial's model as NAME in MLflow")
     track.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage folder")
     track.add_argument("--overwrite", action="store_true", help="start over even if the study folder exists")
     track.add_argument("--max-failures", type=int, default=0, help="retries per trial, from its last checkpoint")

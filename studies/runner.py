@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -26,18 +27,27 @@ from studies.preflight import (KEEP_CHECKPOINTS, Autoscaler, PendingClock, Pendi
                                learn, pending_timeout_message, trial_count)
 from studies.record import (applied_changes, check_resume, definition, invocation, now, read_record, resume_command,
                             snapshot_statuses, updated, write_file)
-from studies.space import check_space, is_grid, largest_state, merge_space, sample_seed, seed_samples
+from studies.space import check_space, is_grid, largest_state, merge_space, sample_seed, seed_samples, variants
+from studies.study_run import parent_params
 from studies.tracking import StudyTracker, check_reachable, flatten, resolve_uri
 from studies.validate import check_args
 from trainables import ConfigError, Finding, TrainConfig, trainable_for
 from trainables.finding import judge
+from trainables.naming import flatten as flat_config
+from trainables.naming import varied_keys
 from trainables.tune_state import outcome
 
 log = logging.getLogger("vision_tune")
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
                 "val/recon", "val/kl", "val/elbo", "epoch")
+# num_to_keep forces an experiment snapshot every KEEP_CHECKPOINTS reports, and Tune warns of a bottleneck at
+# every study: measured at ~20 ms of the driver's loop per snapshot (benchmarks/tune_overhead.py), it is not one
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 class MLflowCallback(tune.Callback):
-    """Runs on the driver: one MLflow run per trial (see ``studies/tracking.py``)."""
+    """Runs on the driver: one MLflow run per trial, nested in the study's (see ``studies/tracking.py``);
+    uploads of final checkpoints and models run on the tracker's upload thread, off Tune's event loop."""
 
     def __init__(self, tracker: StudyTracker) -> None:
         self.tracker = tracker
@@ -50,11 +60,8 @@ class MLflowCallback(tune.Callback):
         self.tracker.log_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if trial.checkpoint is None:
-            self.tracker.finish(trial.trial_id, "FINISHED")
-            return
-        with trial.checkpoint.as_directory() as folder:
-            self.tracker.finish(trial.trial_id, "FINISHED", artifacts_dir=folder)
+        checkpoint = trial.checkpoint.as_directory() if trial.checkpoint is not None else None
+        self.tracker.finish(trial.trial_id, "FINISHED", checkpoint=checkpoint)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else None
@@ -139,6 +146,16 @@ class SeededOptunaSearch(OptunaSearch):
             config = {**config, "seed": sample_seed(self._base_seed, self._suggested)}
             self._suggested += 1
         return config
+
+
+def study_variants(base: TrainConfig, space: dict, search: str) -> tuple[list[dict], list[str] | None]:
+    """The study's variants as flat configs in Tune's trial order (its own grid generator), which letter the
+    runs as the analysis does; a sampled search has no variants up front, only the keys that vary."""
+    if search == "optuna":
+        return [], varied_keys(flat_config(v) for v in variants(base, space))
+    from ray.tune.search.variant_generator import generate_variants
+
+    return [flat_config(v) for _, v in generate_variants(merge_space(base.to_dict(), space))], None
 
 
 def _trainable(base: TrainConfig, args):
@@ -271,6 +288,8 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     fresh = not args.resume and not (local and Path(study_dir).exists())
     record: dict = {}
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
+    tracker.plan(study_dir, parent_params(base.to_dict(), [sys.argv[0], *argv], metric, mode),
+                 *study_variants(base, space, args.search))
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 
     with stop_signals() as stop:
@@ -291,8 +310,8 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
             with stop.fitting():
                 results = tuner.fit()
         except BaseException as err:
-            if isinstance(err, KeyboardInterrupt):  # a second signal: Tune did not get to stop the trials
-                _quietly(tracker.kill_unfinished)
+            # a second signal (Tune did not get to stop the trials) or an error: no run is left RUNNING
+            _quietly(lambda: tracker.abandon("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"))
             if not _after_failure(study_dir, fresh and local, err) and entry in record.get("invocations", []):
                 state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 entry.update(state=state, ended=now(), error=str(err)[:500])
@@ -304,12 +323,12 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     statuses = snapshot_statuses(study_dir) if stop.signum else None
     table = summarize(results, metric, mode, statuses)
     write_file(f"{study_dir}/trials.csv", table.to_csv(index=False))
-    if stop.signum:
-        tracker.kill_unfinished()
     entry.update(state="interrupted" if stop.signum else "finished", ended=now())
     record["state"] = entry["state"]
     write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
-    _print_summary(table, name, study_dir, uri, metric, study["trials"])
+    mlflow_lines = tracker.end_study(table, metric, mode, None if stop.signum else args.register_model,
+                                     interrupted=bool(stop.signum))
+    _print_summary(table, name, study_dir, uri, metric, study["trials"], tracker.ui_lines() + mlflow_lines)
     if finding is not None and not table.empty:
         _report_finding(finding, table, study_dir)
     if stop.signum:
@@ -369,7 +388,8 @@ def _after_failure(study_dir: str, fresh_local: bool, err: BaseException) -> boo
     return False
 
 
-def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int) -> None:
+def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int,
+                   mlflow_lines: list[str]) -> None:
     shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
     unfinished = len(table[table["status"].isin(("INTERRUPTED", "NOT_STARTED"))]) + max(0, expected - len(table))
     state = f", INCOMPLETE: {unfinished} of {max(expected, len(table))} unfinished" if unfinished else ""
@@ -384,8 +404,8 @@ def _print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, met
     if not best.empty:
         print("best config" + (" among the finished trials so far" if state else "") + ":",
               {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
-    if uri.startswith("sqlite:"):
-        print(f"MLflow UI: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}")
-    else:
-        print(f"MLflow UI: {uri} (the tracking server; see README, 'Run on a cluster', for port forwarding)")
+    for line in mlflow_lines:  # the UI command and the URL of the study's runs (model-training view)
+        print(line)
+    if not uri.startswith("sqlite:"):
+        print("           (the tracking server; see README, 'Run on a cluster', for port forwarding)")
     print(f"report:    python -m analysis {study_dir} --mlflow-uri {uri}")

@@ -1,7 +1,10 @@
-"""MLflow for studies: one experiment per study, one run per trial, idempotent across retries and resumes.
+"""MLflow for studies: one experiment per study, one parent run per study, one nested run per trial,
+idempotent across retries and resumes.
 
 A trial's run is found again by its tag ``vision_tune.trial_id``, so a retried trial or a resumed
-study keeps writing into the same run, and epochs already logged are not logged twice.
+study keeps writing into the same run, and epochs already logged are not logged twice. Runs are named
+by their variant (``C adam lr=0.001``, the analysis tables' letters, ``trainables/naming.py``); a
+trial's data sets become its inputs, and its final model (written by the trial) its logged model.
 """
 from __future__ import annotations
 
@@ -14,8 +17,18 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from studies.study_run import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, log_dataset_inputs, log_model_folder,
+                               logged_model_id, register, submit_upload, wait_uploads)
+from trainables.export import MODEL_DIR
+from trainables.lineage import DATASETS_KEY
+from trainables.mlflow_store import (BrokenStoreError, experiment_id, find_or_create_parent, open_client,
+                                     repair_leftovers, runs_url, sqlite_path, store_lock, ui_command)
+from trainables.naming import VariantNames
+from trainables.naming import flatten as flat_config
+
 log = logging.getLogger(__name__)
 TRIAL_TAG = "vision_tune.trial_id"
+VARIANT_TAG = "vision_tune.variant"
 STEP_METRIC = "epoch"
 
 
@@ -57,6 +70,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise FileNotFoundError(f"--mlflow-uri {uri}: folder {folder} does not exist")
+        path = sqlite_path(uri)
+        with store_lock(path):  # a database broken by a creation race is repaired, or refused with the fix
+            try:
+                repair_leftovers(path)
+            except BrokenStoreError as err:
+                raise BrokenStoreError(f"--mlflow-uri {uri}: {err}") from None
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -87,20 +106,38 @@ class StudyTracker:
         self.uri = uri
         self.experiment = experiment
         self.study_tags = study_tags or {}
+        self.study_dir = ""  # the parent run's key and params, see ``plan``
+        self.params: dict[str, str] | None = None
+        self.names = VariantNames([])
         self._client = None
         self._runs: dict[str, tuple[str, int]] = {}  # trial id -> (run id, last logged epoch)
+        self._ids: dict[str, str] = {}  # "experiment" and "parent" ids, once known
+        self._inputs: set[str] = set()  # runs whose data sets this driver logged
         self._warming: threading.Thread | None = None
         self._warm_error: BaseException | None = None
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_runs": {}, "_warming": None, "_warm_error": None}
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks into every experiment snapshot
+        return {**self.__dict__, "_client": None, "_runs": {}, "_ids": {}, "_inputs": set(), "_warming": None,
+                "_warm_error": None}
+
+    def __setstate__(self, state: dict) -> None:  # a tracker pickled by an older version lacks newer fields
+        self.__init__(state["uri"], state["experiment"], state.get("study_tags"))
+        self.__dict__.update(state)
+
+    def plan(self, study_dir: str, params: dict[str, str], variants: list[dict],
+             varied: list[str] | None = None) -> None:
+        """The study's folder and the parent run's params, and the study's variants (flat configs in Tune's trial
+        order) that name its trials' runs; ``varied``: the keys that vary when the variants are not known (a
+        sampled search)."""
+        self.study_dir, self.params = study_dir, params
+        self.names = VariantNames(variants, varied)
 
     def warm_up(self) -> None:
         """Import MLflow, open the store (creating its tables on a new sqlite file) and the experiment in a
         background thread: seconds of driver work that otherwise block Tune's loop at the first trial start."""
         def work() -> None:
             try:
-                self.experiment_id()
+                self.parent_run_id()
             except BaseException as err:  # raised again by ``client`` in the thread that needs it
                 self._warm_error = err
 
@@ -116,33 +153,41 @@ class StudyTracker:
             if self._warm_error is not None:
                 raise self._warm_error
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = open_client(self.uri)  # a new sqlite store is created under a file lock
         return self._client
 
     def experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found:
-            return found.experiment_id
-        root = local_artifact_root(self.uri) if self.uri.startswith("sqlite:///") else None
-        location = (root / self.experiment).as_uri() if root else None
-        return self.client.create_experiment(self.experiment, artifact_location=location)
+        if "experiment" not in self._ids:
+            self._ids["experiment"] = experiment_id(self.client, self.uri, self.experiment)
+        return self._ids["experiment"]
+
+    def parent_run_id(self) -> str:
+        """The study's own run, found by tag (after a retry or ``--resume``) or created with ``plan``'s params."""
+        if "parent" not in self._ids:
+            parent = find_or_create_parent(self.client, self.experiment_id(), self.experiment, self.study_dir,
+                                           self.params)
+            self.client.update_run(parent, status="RUNNING")
+            self._ids["parent"] = parent
+        return self._ids["parent"]
 
     def start(self, trial_id: str, trial_name: str, config: dict) -> str:
         """The trial's run: found again by tag after a retry or resume, else created with the config as params."""
         if trial_id in self._runs:
             return self._runs[trial_id][0]
-        experiment_id = self.experiment_id()
+        experiment_id, parent = self.experiment_id(), self.parent_run_id()
         found = self.client.search_runs([experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, STEP_METRIC)
             last = int(max((m.value for m in history), default=0))
             self.client.update_run(run_id, status="RUNNING")
+            if found[0].data.tags.get("mlflow.parentRunId") != parent:  # a run logged before studies had parents
+                self.client.set_tag(run_id, "mlflow.parentRunId", parent)
             log.info("trial %s continues MLflow run %s after epoch %d", trial_id, run_id, last)
         else:
-            tags = {TRIAL_TAG: trial_id, "mlflow.runName": trial_name, **self.study_tags}
+            flat = flat_config(config)
+            tags = {TRIAL_TAG: trial_id, "mlflow.runName": self.names.run_name(flat), "mlflow.parentRunId": parent,
+                    VARIANT_TAG: self.names.letter(flat), "vision_tune.trial_name": trial_name, **self.study_tags}
             run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
             params = flatten(config)
             from mlflow.entities import Param
@@ -155,6 +200,12 @@ class StudyTracker:
     def log_result(self, trial_id: str, result: dict) -> None:
         """One epoch's metrics at step = epoch; epochs already in MLflow are skipped."""
         run_id, last = self._runs[trial_id]
+        if DATASETS_KEY in result and run_id not in self._inputs:
+            # the trial's data sets; the parent run gets them too, so its row in the runs table names them
+            runs = [run_id] if "parent inputs" in self._ids else [run_id, self.parent_run_id()]
+            log_dataset_inputs(self.client, runs, result[DATASETS_KEY])
+            self._inputs.add(run_id)
+            self._ids["parent inputs"] = "logged"
         epoch = int(result.get(STEP_METRIC, result.get("training_iteration", 0)))
         if epoch <= last:
             return
@@ -165,23 +216,82 @@ class StudyTracker:
         self.client.log_batch(run_id, metrics=metrics)
         self._runs[trial_id] = (run_id, epoch)
 
-    def finish(self, trial_id: str, status: str, artifacts_dir: str | None = None, error: str | None = None) -> None:
-        """Upload the final checkpoint folder (model state and artifacts), then close the run."""
+    def finish(self, trial_id: str, status: str, checkpoint=None, error: str | None = None) -> None:
+        """Close the trial's run. ``checkpoint`` (a context manager giving the final checkpoint's folder) is
+        uploaded on the upload thread, the model in it as the run's logged model; the run closes after it."""
         if trial_id not in self._runs:
             return
-        run_id, _ = self._runs.pop(trial_id)
-        if artifacts_dir and os.path.isdir(artifacts_dir):
-            self.client.log_artifacts(run_id, artifacts_dir, artifact_path="checkpoint")
+        run_id, epoch = self._runs.pop(trial_id)
         if error:
             self.client.set_tag(run_id, "vision_tune.error", error[-4000:])
-        self.client.set_terminated(run_id, status=status)
+        if checkpoint is None:
+            self.client.set_terminated(run_id, status=status)
+            return
+        submit_upload(self._upload, run_id, self.experiment_id(), checkpoint, epoch, status)
 
-    def kill_unfinished(self) -> int:
+    def _upload(self, run_id: str, experiment: str, checkpoint, epoch: int, status: str) -> None:
+        try:
+            with checkpoint as folder:
+                for item in sorted(Path(folder).iterdir()):
+                    if item.name == MODEL_DIR:
+                        continue
+                    if item.is_dir():
+                        self.client.log_artifacts(run_id, str(item), artifact_path=f"checkpoint/{item.name}")
+                    else:
+                        self.client.log_artifact(run_id, str(item), artifact_path="checkpoint")
+                if (Path(folder) / MODEL_DIR / "MLmodel").is_file():
+                    log_model_folder(self.client, run_id, experiment, Path(folder) / MODEL_DIR, epoch)
+        finally:
+            self.client.set_terminated(run_id, status=status)
+
+    def end_study(self, table, metric: str, mode: str, register_as: str | None = None,
+                  interrupted: bool = False) -> list[str]:
+        """After ``fit``: wait for the uploads, record the best trial on the parent run (and register its
+        model as ``register_as``), close the parent (KILLED when interrupted: a resume reopens it); returns the
+        lines the runner prints."""
+        errors = wait_uploads()
+        if interrupted:
+            self.kill_unfinished()
+        parent, lines = self.parent_run_id(), []
+        best = best_trial_id(table, metric)
+        if best is not None:
+            trial_id, value = best
+            found = self.client.search_runs([self.experiment_id()], f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+            best_run = found[0].info.run_id if found else ""
+            self.client.set_tag(parent, BEST_TRIAL_TAG, trial_id)
+            self.client.set_tag(parent, BEST_RUN_TAG, best_run)
+            self.client.log_metric(parent, f"best/{metric}", value)
+            model_id = logged_model_id(self.client, self.experiment_id(), best_run, MODEL_DIR) if best_run else None
+            if register_as and model_id:
+                version = register(self.client, register_as, model_id, best_run)
+                lines.append(f"registered: model {register_as!r} version {version} (trial {trial_id}, "
+                             f"runs:/{best_run}/{MODEL_DIR})")
+            elif register_as:
+                lines.append(f"registered: nothing; the best trial {trial_id} logged no model")
+        status = "KILLED" if interrupted else "FAILED" if errors or best is None else "FINISHED"
+        self.client.set_terminated(parent, status=status)
+        return lines
+
+    def ui_lines(self) -> list[str]:
+        """How to open the study's runs: the command that serves the UI (sqlite), and the runs view's URL."""
+        command = ui_command(self.uri)
+        url = runs_url(self.uri, self.experiment_id())
+        return [f"MLflow UI: {command}", f"           then open {url}"] if command else [f"MLflow UI: {url}"]
+
+    def kill_unfinished(self, status: str = "KILLED") -> int:
         """After an interrupted study, close the trials' runs still RUNNING as KILLED (MLflow's status for a run
         that was stopped); a resume finds them again by tag and sets them RUNNING. Returns how many."""
         found = self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'")
         killed = [run.info.run_id for run in found if TRIAL_TAG in run.data.tags]
         for run_id in killed:
-            self.client.set_terminated(run_id, status="KILLED")
+            self.client.set_terminated(run_id, status=status)
         self._runs.clear()
         return len(killed)
+
+    def abandon(self, status: str) -> None:
+        """The study ended by an error (FAILED) or a second signal (KILLED): close its open runs, parent included,
+        with that status rather than leave them RUNNING; a resume reopens them."""
+        wait_uploads()
+        self.kill_unfinished(status)
+        if "parent" in self._ids:
+            self.client.set_terminated(self._ids["parent"], status=status)

@@ -257,7 +257,8 @@ def test_quick_study_report_run_in_mlflow(quick_study):
 
     client = MlflowClient(tracking_uri=quick_study["uri"])
     experiment = client.get_experiment_by_name("seg_optimizers")
-    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'report'")
-    assert len(runs) == 1
+    runs = client.search_runs([experiment.experiment_id], "tags.`vision_tune.report` = 'true'")
+    assert len(runs) == 1 and runs[0].data.tags["vision_tune.study_run"] == "true"  # the study's parent run
+    assert runs[0].info.run_name == "seg_optimizers"
     logged = {Path(f.path).name for f in client.list_artifacts(runs[0].info.run_id, "report")}
     assert {"index.html", "report.md", "table.csv", "confusion_matrices.png", "learning_curves.png"} <= logged

@@ -30,6 +30,7 @@ from studies import preflight
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the venv's `ray` and `mlflow`, matching the Ray the study imports
 STUDY, TRIALS, EPOCHS = "vae_lr", 5, 2
+REGISTERED = "vae-lr-on-the-cluster"
 # the nodes' ids and resources as the cluster itself reports them, printed as one JSON line
 NODES_SCRIPT = """
 import json, sys, time, ray
@@ -231,7 +232,7 @@ def study(cluster):
     """
     storage = cluster["dir"] / "shared"
     args = ["--quick", "--address", cluster["address"], "--storage", str(storage), "--mlflow-uri",
-            cluster["mlflow_uri"], "--cpus-per-trial", "1"]
+            cluster["mlflow_uri"], "--cpus-per-trial", "1", "--register-model", REGISTERED]
     done = subprocess.run(study_command(STUDY, *args), cwd=cluster["dir"], env=cluster["env"], capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -239,7 +240,7 @@ def study(cluster):
     results = {}
     for path in sorted(study_dir.glob("*/result.json")):
         results[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {"dir": study_dir, "results": results}
+    return {"dir": study_dir, "results": results, "out": done.stdout}
 
 
 def test_trials_ran_on_both_nodes(cluster, study):
@@ -268,7 +269,8 @@ def test_mlflow_over_http_has_every_run(cluster, study):
     client = MlflowClient(tracking_uri=cluster["mlflow_uri"])
     experiment = client.get_experiment_by_name(STUDY)
     assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
+    runs = [run for run in client.search_runs([experiment.experiment_id])
+            if "vision_tune.study_run" not in run.data.tags]  # the study's parent run aside
     trial_ids = {rows[-1]["trial_id"] for rows in study["results"].values()}
     assert {run.data.tags["vision_tune.trial_id"] for run in runs} == trial_ids and len(runs) == TRIALS
     for run in runs:
@@ -279,6 +281,45 @@ def test_mlflow_over_http_has_every_run(cluster, study):
         assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     # artifacts went through the server into its own destination, not into a path the trials guessed
     assert len(list((cluster["dir"] / "artifacts").rglob("state.pt"))) == TRIALS
+
+
+def test_mlflow_server_holds_the_parent_named_trials_inputs_and_the_registered_model(cluster, study):
+    """The tracking server's side of test_tracking.py's sqlite checks, on this module's study."""
+    import mlflow.pytorch
+    import torch
+
+    uri = cluster["mlflow_uri"]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(STUDY)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if run.data.tags.get("vision_tune.study_run") == "true"]
+    trials = [run for run in runs if run not in parents]
+    assert len(parents) == 1 and len(trials) == TRIALS and parents[0].info.run_name == STUDY
+    assert {run.data.tags["mlflow.parentRunId"] for run in trials} == {parents[0].info.run_id}
+    assert sorted(run.info.run_name for run in trials) == ["A lr=0.005", "B lr=0.001", "C lr=0.0005", "D lr=0.0001",
+                                                            "E lr=5e-05"]
+    for run in trials:
+        contexts = {tag.value for d in run.inputs.dataset_inputs for tag in d.tags}
+        names = {d.dataset.name for d in run.inputs.dataset_inputs}
+        assert contexts == {"training", "validation"} and names == {"mnist5k"}
+    best = parents[0].data.tags["vision_tune.best_run"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # runs:/ URIs resolve through the global tracking URI
+    try:
+        model = mlflow.pytorch.load_model(f"runs:/{best}/model", map_location="cpu")  # through the server's artifacts
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
+    [version] = client.search_model_versions(f"name = '{REGISTERED}'")
+    assert version.run_id == best and f"registered: model '{REGISTERED}' version {version.version}" in study["out"]
+    # the printed runs view names an experiment the server knows, and the server serves the UI
+    url = f"{uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert f"MLflow UI: {url}" in study["out"]
+    with urllib.request.urlopen(f"{uri}/ajax-api/2.0/mlflow/experiments/get?experiment_id={experiment.experiment_id}",
+                                timeout=30) as response:
+        assert json.loads(response.read())["experiment"]["name"] == STUDY
+    with urllib.request.urlopen(uri, timeout=30) as response:
+        assert response.status == 200 and b"<html" in response.read().lower()
 
 
 def test_teardown_stops_every_process_it_started(cluster):

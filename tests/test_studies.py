@@ -62,7 +62,8 @@ def mlflow_runs(tmp_path, name: str):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, f"no MLflow experiment {name}"
-    return client, client.search_runs([experiment.experiment_id], "tags.`vision_tune.study` != ''")
+    runs = client.search_runs([experiment.experiment_id], "tags.`vision_tune.study` != ''")
+    return client, [run for run in runs if "vision_tune.trial_id" in run.data.tags]  # the study's parent run aside
 
 
 @pytest.mark.parametrize("script", sorted(TRIALS))

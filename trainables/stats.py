@@ -12,11 +12,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from trainables import naming
+
 CONFIDENCE = 0.95
 METHOD = "Welch t over seeds, 95%"
 TREND_METHOD = "least-squares slope over trials, t interval (n-2 df), 95%"
-# Repeated samples of one setting differ by these only; they never define a variant.
-NOT_A_VARIANT = ("config/seed", "config/data_root")
+# Repeated samples of one setting differ by these only; they never define a variant (one list, with the names)
+NOT_A_VARIANT = tuple(f"config/{key}" for key in sorted(naming.NOT_A_VARIANT))
 
 
 @dataclass(frozen=True)

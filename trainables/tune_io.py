@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainables.export import MODEL_DIR, export_model
+from trainables.lineage import DATASETS_KEY, dataset_inputs
 from trainables.loop import Hardware, fit
 from trainables.memory import apply_cap, out_of_memory
 from trainables.optim import build_optimizer, build_scheduler
+from trainables.system import SystemMonitor
 from trainables.task import Task, make_loaders
 
 log = logging.getLogger(__name__)
@@ -181,7 +184,12 @@ def run_trial(config_dict: dict, task: Task, session=None) -> dict:
             start_epoch = load_state(folder, model, optimizer, scheduler) + 1
         log.info("resumed after epoch %d", start_epoch - 1)
 
+    datasets = dataset_inputs(config, built.train_set, built.val_set)
+    monitor = SystemMonitor(hw.device)
+    reported: list[int] = []
+
     def on_epoch_end(epoch: int, metrics: dict, matrix) -> None:
+        metrics.update(monitor.epoch_figures())
         with tempfile.TemporaryDirectory(prefix="vt-ckpt-") as tmp:
             folder = Path(tmp)
             save_state(folder, model, optimizer, scheduler, epoch)
@@ -191,7 +199,10 @@ def run_trial(config_dict: dict, task: Task, session=None) -> dict:
                 np.save(artifacts / "confusion_matrix.npy", matrix.matrix.cpu().numpy())
             if epoch == config.epochs:
                 task.write_artifacts(config, built, model, hw, artifacts)
-            session.report(metrics, folder)
+                export_model(model, built.val_set[0][0].unsqueeze(0), folder / MODEL_DIR)  # (1,C,H,W) example
+            # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
+            session.report({**metrics, **({} if reported else {DATASETS_KEY: datasets})}, folder)
+            reported.append(epoch)
 
     describe = json.dumps(config.to_dict(), sort_keys=True)
     try:
@@ -203,3 +214,5 @@ def run_trial(config_dict: dict, task: Task, session=None) -> dict:
             raise
         # from None: the trial's error says what to change, not which CUDA kernel failed to allocate
         raise out_of_memory(hw.device, session.gpus, fraction, config.batch_size) from None
+    finally:
+        monitor.close()

@@ -75,3 +75,15 @@ class ConvVAE(nn.Module):
 def conv_vae(in_channels: int = 1, image_size: int = 28, latent_dim: int = 16) -> ConvVAE:
     """Convolutional VAE for ``image_size`` x ``image_size`` images (a multiple of 4, at least 8)."""
     return ConvVAE(in_channels=in_channels, image_size=image_size, latent_dim=latent_dim)
+
+
+class Reconstruction(nn.Module):
+    """A VAE as one image-to-image function, its mean reconstruction as probabilities (B,C,S,S): what an
+    exported VAE serves (MLflow's pyfunc predicts one tensor; ``ConvVAE.forward`` returns three)."""
+
+    def __init__(self, vae: ConvVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.vae(images)[0])

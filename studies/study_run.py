@@ -1,0 +1,119 @@
+"""A study's own MLflow run (the parent of its trials' runs), its best model's registration, and the upload
+queue that keeps model and checkpoint uploads off Tune's event loop.
+
+The parent is found again by its tag, so retries, ``--resume`` and a rebuilt report reuse it; within one
+driver a lock makes find-or-create atomic (after a resume the restored callback's tracker and the runner's
+both ask for it).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import threading
+from pathlib import Path
+
+
+log = logging.getLogger(__name__)
+BEST_TRIAL_TAG, BEST_RUN_TAG = "vision_tune.best_trial", "vision_tune.best_run"
+_uploads: list[cf.Future] = []
+_uploads_lock = threading.Lock()
+_executor: cf.ThreadPoolExecutor | None = None
+
+
+def submit_upload(function, *args) -> None:
+    """Run ``function(*args)`` on the one upload thread of this driver (uploads keep their order)."""
+    global _executor
+    with _uploads_lock:
+        if _executor is None:
+            _executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-upload")
+        _uploads.append(_executor.submit(function, *args))
+
+
+def wait_uploads() -> list[BaseException]:
+    """Block until every queued upload is done; returns (and logs) the errors instead of raising, so that a
+    failed upload never loses a study's results."""
+    with _uploads_lock:
+        pending, _uploads[:] = list(_uploads), []
+    errors = []
+    for future in pending:
+        error = future.exception()
+        if error is not None:
+            log.error("MLflow upload failed: %s", error)
+            errors.append(error)
+    return errors
+
+
+def parent_params(base: dict, argv: list[str], metric: str, mode: str) -> dict[str, str]:
+    """The parent run's params: the base config (flat, as the trials'), the command line, metric and mode."""
+    from trainables.naming import flatten
+
+    params = {key: str(value) for key, value in flatten(base).items()}
+    params.update({"argv": " ".join(argv)[:6000], "metric": metric, "mode": mode})
+    return params
+
+
+def best_trial_id(table, metric: str) -> tuple[str, float] | None:
+    """(Tune trial id, metric) of the summary table's best OK trial (its first row: the table is sorted)."""
+    if table.empty or metric not in table:
+        return None
+    ok = table[(table["status"] == "OK") & table[metric].notna()]
+    if ok.empty:
+        return None
+    folder = str(ok.iloc[0]["trial"])
+    return "_".join(folder.split("_")[-2:]), float(ok.iloc[0][metric])  # trial_dirname: <trainable>_<id>
+
+
+def logged_model_id(client, experiment_id: str, run_id: str, name: str) -> str | None:
+    """The id of the logged model ``name`` that ``run_id`` produced (None when it logged none)."""
+    for model in client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"name = '{name}'"):
+        if model.source_run_id == run_id:
+            return model.model_id
+    return None
+
+
+def register(client, name: str, model_id: str, run_id: str) -> str:
+    """Register a logged model as a new version of registered model ``name`` (once: a resumed study that ends
+    again keeps the version it registered); returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    for version in client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
+        if version.model_id in (model_id, None):
+            return str(version.version)
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    return str(version.version)
+
+
+def log_dataset_inputs(client, run_ids: list[str], described: str) -> None:
+    """A trial's data sets (``trainables/lineage.py``'s JSON) as dataset inputs of each run; MLflow skips the
+    ones a run already has (a resumed trial reports them again)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for item in json.loads(described):
+        profile = json.dumps({"num_rows": item["size"], "split": item["split"], "image_size": item["image_size"]})
+        dataset = Dataset(name=item["name"], digest=item["digest"], source_type="local",
+                          source=json.dumps({"uri": item["source"]}), profile=profile)
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", item["context"])]))
+    for run_id in run_ids:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def log_model_folder(client, run_id: str, experiment: str, folder: Path, epoch: int, name: str = "model") -> None:
+    """A trial's MLflow model folder as the run's logged model ``name``, recorded as ``mlflow.pytorch.log_model``
+    records one (a LoggedModel from the run, its artifacts, the run's output at the last epoch) without loading
+    the model on the driver; a model already uploaded (before a resume) is not uploaded twice."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    if logged_model_id(client, experiment, run_id, name):
+        return
+    model = client.create_logged_model(experiment, name=name, source_run_id=run_id,
+                                       tags={"mlflow.modelFlavor": "pytorch"}, model_type="pytorch")
+    client.log_model_artifacts(model.model_id, str(folder))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=epoch)])
