@@ -311,7 +311,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
                 results = tuner.fit()
         except BaseException as err:
             # a second signal (Tune did not get to stop the trials) or an error: no run is left RUNNING
-            _quietly(lambda: tracker.abandon("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"))
+            _quietly(tracker.abandon, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             if not _after_failure(study_dir, fresh and local, err) and entry in record.get("invocations", []):
                 state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 entry.update(state=state, ended=now(), error=str(err)[:500])
@@ -371,10 +371,10 @@ class ApplyOnResume(tune.Callback):
                     trial.update_resources({"cpu": self.resources["CPU"], "gpu": self.resources["GPU"]})
 
 
-def _quietly(work) -> None:
+def _quietly(work, *args) -> None:
     """Best-effort clean-up on the way out of a failure: its own error must not hide the one being raised."""
     try:
-        work()
+        work(*args)
     except Exception:  # noqa: BLE001
         log.debug("clean-up failed", exc_info=True)
 
