@@ -15,7 +15,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator
 
-from studies.preflight import ResourceError, StorageError
+from studies.preflight import PendingTimeoutError, ResourceError, StorageError
 from trainables import ConfigError
 
 DEBUG_ENV = "VISION_TUNE_DEBUG"
@@ -55,6 +55,8 @@ def flag_for_config_error(err: ConfigError, given: dict) -> str:
 
 def translate(err: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an exception that reached the command line."""
+    if isinstance(err, PendingTimeoutError):  # the request was possible; the cluster did not deliver in time
+        return FAILURE, str(err)
     if isinstance(err, (UsageError, ConfigError, ResourceError, StorageError, FileExistsError)):
         return USAGE, str(err)
     if isinstance(err, (FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError)):

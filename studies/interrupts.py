@@ -37,6 +37,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.in_fit = False
+        self.fitted = False  # fit() returned: Tune's state is saved, only Ray's shutdown is left
 
     def handle(self, signum: int, frame) -> None:
         first = self.signum is None
@@ -46,6 +47,10 @@ class StopSignals:
             log.warning("%s: stopping the trials and saving the study's state (send it again to stop at once)",
                         signal.Signals(signum).name)
             tune_stop(TUNE_STOP, frame)
+            return
+        if first and self.fitted:
+            log.warning("%s: the trials have ended and the study's state is saved; writing its table first (send "
+                        "it again to stop at once)", signal.Signals(signum).name)
             return
         raise Stopped(signum)
 
@@ -65,6 +70,7 @@ class StopSignals:
         self.in_fit = True
         try:
             yield
+            self.fitted = True
         finally:
             self.in_fit = False
             if TUNE_STOP and before is not None and threading.current_thread() is threading.main_thread():
