@@ -16,6 +16,7 @@ import pandas as pd
 
 from analysis.progress import FINISHED, UNFINISHED, snapshot_statuses, study_state
 from trainables.config import CONFIGS
+from trainables.naming import flatten
 from trainables.tune_state import outcome
 
 ARTIFACT_ARRAYS = ("features", "samples", "feature_maps")
@@ -78,17 +79,6 @@ class Study:
         """The trial's config as Tune passed it (params.json)."""
         path = self.trial_dir(trial) / "params.json"
         return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested config -> {"optim/lr": 0.001, ...}, the names trials.csv and MLflow use."""
-    flat: dict = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_defaults(task: str) -> dict:

@@ -72,9 +72,10 @@ def logged_model_id(client, experiment_id: str, run_id: str, name: str) -> str |
     return None
 
 
-def register(client, name: str, model_id: str, run_id: str) -> str:
+def register(client, name: str, model_id: str, run_id: str, uri: str) -> str:
     """Register a logged model as a new version of registered model ``name`` (once: a resumed study that ends
-    again keeps the version it registered); returns the version."""
+    again keeps the version it registered); returns the version. ``uri``: the study's tracking URI."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
@@ -85,7 +86,14 @@ def register(client, name: str, model_id: str, run_id: str) -> str:
     for version in client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
         if version.model_id in (model_id, None):
             return str(version.version)
-    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    # the registry looks the models:/ source up through the process's global tracking URI, which need not be
+    # the study's (a user's MLFLOW_TRACKING_URI): point it at the study's store while registering
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
     return str(version.version)
 
 

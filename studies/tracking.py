@@ -78,16 +78,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 raise BrokenStoreError(f"--mlflow-uri {uri}: {err}") from None
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"optim/lr": "0.001", ...}, as MLflow params."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}/"))
-        else:
-            flat[name] = str(value)
-    return flat
+def flatten(config: dict) -> dict[str, str]:
+    """Nested config -> {"optim/lr": "0.001", ...}, as MLflow params (strings)."""
+    return {key: str(value) for key, value in flat_config(config).items()}
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
@@ -263,7 +256,7 @@ class StudyTracker:
             self.client.log_metric(parent, f"best/{metric}", value)
             model_id = logged_model_id(self.client, self.experiment_id(), best_run, MODEL_DIR) if best_run else None
             if register_as and model_id:
-                version = register(self.client, register_as, model_id, best_run)
+                version = register(self.client, register_as, model_id, best_run, self.uri)
                 lines.append(f"registered: model {register_as!r} version {version} (trial {trial_id}, "
                              f"runs:/{best_run}/{MODEL_DIR})")
             elif register_as:

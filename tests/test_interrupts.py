@@ -73,7 +73,8 @@ def _runs(db: Path) -> dict[str, tuple[str, list[int]]]:
     experiment = client.get_experiment_by_name("vae_lr")
     return {run.data.tags["vision_tune.trial_id"]: (run.info.status, [
         m.step for m in client.get_metric_history(run.info.run_id, "val/loss")])
-        for run in client.search_runs([experiment.experiment_id], "tags.`vision_tune.study` != ''")}
+        for run in client.search_runs([experiment.experiment_id], "tags.`vision_tune.study` != ''")
+        if "vision_tune.trial_id" in run.data.tags}  # the study's parent run aside
 
 
 def _free_port() -> int:

@@ -168,9 +168,13 @@ def sqlite_study(tmp_path_factory, data_root):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     args = ["--quick", "--epochs", "1", "--steps-per-epoch", "5", "--storage", str(tmp / "results"), "--mlflow-uri",
             uri, "--data-root", str(data_root), "--register-model", MODEL_NAME]
-    env = {**__import__("os").environ, "PYTHONPATH": str(__import__("conftest").ROOT)}
+    # a user's MLFLOW_TRACKING_URI elsewhere must not matter: --mlflow-uri is the study's store, registry included
+    elsewhere = tmp / "elsewhere.db"
+    env = {**__import__("os").environ, "PYTHONPATH": str(__import__("conftest").ROOT),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{elsewhere}"}
     first = subprocess.run(study_command(STUDY, *args), cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert not elsewhere.exists()
     resumed = subprocess.run(study_command(STUDY, *args, "--resume"), cwd=tmp, env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -49,12 +49,14 @@ def open_client(uri: str):
     """An ``MlflowClient`` whose store exists: a sqlite store is created or upgraded under the lock."""
     from mlflow.tracking import MlflowClient
 
+    # the registry pinned to the same store: by default it follows the process's global tracking URI (a user's
+    # MLFLOW_TRACKING_URI), and registering a model logged here would look for it in that other store
     path = sqlite_path(uri)
     if path is None:
-        return MlflowClient(tracking_uri=uri)
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
     with store_lock(path):
         repair_leftovers(path)
-        client = MlflowClient(tracking_uri=uri)  # opens the tracking store: creates or upgrades the tables
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store: creates or upgrades
         client.search_registered_models(max_results=1)  # the registry store checks the same file
     return client
 
