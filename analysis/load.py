@@ -146,7 +146,10 @@ def trials_from_folders(path: Path, metric: str, mode: str, running: bool = Fals
     for trial_dir in _trial_dirs(path):
         results = read_results(trial_dir)
         last = results.iloc[-1].to_dict() if not results.empty else {}
-        config = json.loads((trial_dir / "params.json").read_text())
+        try:
+            config = json.loads((trial_dir / "params.json").read_text())
+        except ValueError:  # a running study: Tune is writing the file of a trial that just started
+            config = {}
         error = (trial_dir / "error.txt").is_file()
         tune_status = statuses.get(trial_dir.name, "") if statuses is not None else ("" if results.empty else None)
         status = outcome(tune_status, error, len(results))

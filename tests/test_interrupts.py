@@ -224,3 +224,18 @@ def test_analysis_of_a_running_study_says_so_and_ranks_only_finished_trials(tmp_
     killed = load_study(_hand_study(tmp_path / "killed", int(gone.stdout)))  # its driver no longer exists
     assert killed.state == "killed"
     assert list(killed.trials["status"]) == ["OK", "INTERRUPTED", "NOT_STARTED"]
+
+
+def test_analysis_of_a_running_study_reads_a_trial_whose_params_are_still_being_written(tmp_path):
+    """Tune creates a starting trial's params.json empty and fills it a moment later: the analysis of a running
+    study lists that trial without a config instead of failing on the half-written file."""
+    from analysis.load import trials_from_folders
+
+    for name, params in (("train_vae_aaaaa_00000", json.dumps({"seed": 0, "optim": {"lr": 0.001}})),
+                         ("train_vae_aaaaa_00001", "")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.json").write_text(params)
+    table = trials_from_folders(tmp_path, "val/loss", "min", running=True)
+    assert sorted(table["trial"]) == ["train_vae_aaaaa_00000", "train_vae_aaaaa_00001"]
+    half_written = table.set_index("trial").loc["train_vae_aaaaa_00001"]
+    assert pd.isna(half_written["config/optim/lr"])
