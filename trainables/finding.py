@@ -127,7 +127,7 @@ def judge(finding: Finding, trials: pd.DataFrame) -> Verdict:
                     f"{groups[claim].text()}")
         if gap is None:
             return Verdict(finding, NOT_SIGNIFICANT, measured + "; n=1: no interval", METHOD, n, compared)
-        measured += f"; best - report's: {gap.text()}"
+        measured += f"; {wanted} - report's: {gap.text()}"
         beaten = gap.excludes_zero and sign * gap.estimate > 0
         return Verdict(finding, CONTRADICTED if beaten else NOT_SIGNIFICANT, measured, METHOD, n, compared)
     others = [k for k in groups if k != claim]
