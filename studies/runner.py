@@ -355,8 +355,10 @@ def _apply_on_resume(tuner, tracker: StudyTracker, args) -> None:
 
 
 class ApplyOnResume(tune.Callback):
-    """Trials restored from the snapshot keep the resources and retry budget they were created with: give the
-    ones not running yet the new --cpus-per-trial / --gpus-per-trial and --max-failures."""
+    """Trials restored from the snapshot keep the resources and retry budget they were created with, and so do
+    the ones the restored search algorithm creates later (its pickled spec holds the first run's max_failures;
+    their resources come from the re-registered trainable): give every unfinished trial the new --max-failures,
+    and the ones not placed yet the new --cpus-per-trial / --gpus-per-trial."""
 
     def __init__(self, cpus: float, gpus: float, max_failures: int) -> None:
         self.resources = {"CPU": cpus, "GPU": gpus}
@@ -365,10 +367,10 @@ class ApplyOnResume(tune.Callback):
     def on_step_begin(self, iteration, trials, **info) -> None:
         wanted = {kind: amount for kind, amount in self.resources.items() if amount}
         for trial in trials:
-            if trial.status in ("PENDING", "PAUSED"):
+            if trial.status in ("PENDING", "PAUSED", "RUNNING"):  # read only when a trial fails: safe to change
                 trial.max_failures = self.max_failures
-                if trial.placement_group_factory.required_resources != wanted:
-                    trial.update_resources({"cpu": self.resources["CPU"], "gpu": self.resources["GPU"]})
+            if trial.status in ("PENDING", "PAUSED") and trial.placement_group_factory.required_resources != wanted:
+                trial.update_resources({"cpu": self.resources["CPU"], "gpu": self.resources["GPU"]})
 
 
 def _quietly(work, *args) -> None:

@@ -239,3 +239,25 @@ def test_analysis_of_a_running_study_reads_a_trial_whose_params_are_still_being_
     assert sorted(table["trial"]) == ["train_vae_aaaaa_00000", "train_vae_aaaaa_00001"]
     half_written = table.set_index("trial").loc["train_vae_aaaaa_00001"]
     assert pd.isna(half_written["config/optim/lr"])
+
+
+def test_resume_gives_restored_and_newly_created_trials_the_new_retries_and_unplaced_ones_the_new_resources():
+    """A resumed grid creates its remaining trials from the first run's pickled spec (max_failures 0): every
+    unfinished trial gets the new --max-failures; only trials not placed yet get the new resources."""
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+
+    from studies.runner import ApplyOnResume
+
+    def trial(status: str) -> Trial:
+        made = Trial("train_vae", config={}, stub=True, max_failures=0,
+                     placement_group_factory=PlacementGroupFactory([{"CPU": 1.0}]))
+        made.create_placement_group_factory()  # as Tune's add_trial does
+        made.set_status(status)
+        return made
+
+    pending, running, paused, done = trial("PENDING"), trial("RUNNING"), trial("PAUSED"), trial("TERMINATED")
+    ApplyOnResume(cpus=0.5, gpus=0, max_failures=2).on_step_begin(0, [pending, running, paused, done])
+    assert [t.max_failures for t in (pending, running, paused, done)] == [2, 2, 2, 0]
+    resources = [t.placement_group_factory.required_resources for t in (pending, running, paused, done)]
+    assert resources == [{"CPU": 0.5}, {"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 1.0}]
