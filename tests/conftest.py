@@ -39,3 +39,40 @@ def study_env(tmp_path) -> dict:
     env["PYTHONPATH"] = str(ROOT)
     env["RAY_DEDUP_LOGS"] = "0"
     return env
+
+
+# --quick, and still smaller where 2 cores need it: still embedded data, still 2 epochs
+FAST = {"seg": ["--image-size", "32", "--steps-per-epoch", "2"], "cls": ["--steps-per-epoch", "2"],
+        "vae": ["--steps-per-epoch", "5"]}
+# what a shared run adds for the other tests that read it: test_tracking registers vae_lr's best model
+SHARED_EXTRA = {"vae_lr": ["--register-model", "vae-lr-best"], "seg_search": ["--num-samples", "4"]}
+
+
+def fast_flags(script: str) -> list[str]:
+    return FAST[script.split("_")[0].replace("segnet", "seg")]
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, data_root):
+    """``python studies/NAME.py --quick ...`` run once per test session, as a user would (subprocess, real Ray,
+    MLflow on sqlite), and shared by every test that reads that study's results: a study costs 30-60 s here.
+    A user's MLFLOW_TRACKING_URI points elsewhere: --mlflow-uri alone must decide where the runs go."""
+    import subprocess
+
+    done: dict[str, dict] = {}
+
+    def run(script: str) -> dict:
+        if script not in done:
+            base = tmp_path_factory.mktemp(script)
+            uri = f"sqlite:///{base / 'mlflow.db'}"
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0",
+                   "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'elsewhere.db'}"}
+            args = ["--quick", "--storage", str(base / "results"), "--mlflow-uri", uri, "--data-root", str(data_root),
+                    *fast_flags(script), *SHARED_EXTRA.get(script, [])]
+            proc = subprocess.run(study_command(script, *args), cwd=base, env=env, capture_output=True, text=True,
+                                  timeout=600)
+            done[script] = {"proc": proc, "base": base, "dir": base / "results" / script, "uri": uri, "env": env,
+                            "args": args}
+        return done[script]
+
+    return run

@@ -6,7 +6,6 @@ by ASHA, one that failed); the slow one trains a real --quick study and runs ``p
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from analysis.load import load_artifacts, load_study, read_results
 from analysis.report import build_report
 from analysis.tables import label_trials, letters, results_table
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 K = 21  # VOC classes (the shapes data set uses VOC's)
 
@@ -190,22 +188,14 @@ def test_report_from_hand_built_study(hand_study):
 
 # ----------------------------------------------------------------------------- a real study, end to end
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory):
-    """seg_optimizers at 32x32, one epoch of two batches, then ``python -m analysis`` on it (about a minute)."""
-    base = tmp_path_factory.mktemp("analysis")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
-    study = subprocess.run([sys.executable, str(ROOT / "studies" / "seg_optimizers.py"), "--quick", "--image-size",
-                            "32", "--epochs", "1", "--steps-per-epoch", "2", "--storage", str(base / "results"),
-                            "--mlflow-uri", uri, "--data-root", str(base / "data")],
-                           cwd=base, env=env, capture_output=True, text=True, timeout=400)
-    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
-    folder = base / "results" / "seg_optimizers"
-    analysis = subprocess.run([sys.executable, "-m", "analysis", str(folder)], cwd=base, env=env,
+def quick_study(quick_run):
+    """seg_optimizers end to end (the session's shared --quick run), then ``python -m analysis`` on it."""
+    run = quick_run("seg_optimizers")
+    assert run["proc"].returncode == 0, run["proc"].stdout[-3000:] + run["proc"].stderr[-3000:]
+    analysis = subprocess.run([sys.executable, "-m", "analysis", str(run["dir"])], cwd=run["base"], env=run["env"],
                               capture_output=True, text=True, timeout=300)
     assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
-    return {"folder": folder, "report": folder / "report", "uri": uri, "stdout": analysis.stdout,
-            "data_root": base / "data"}
+    return {"folder": run["dir"], "report": run["dir"] / "report", "uri": run["uri"], "stdout": analysis.stdout}
 
 
 @pytest.mark.slow

@@ -163,25 +163,22 @@ def test_runs_url_opens_the_model_training_view():
 # --- a real study on sqlite: parent, names, inputs, model, registry, resume, report ---
 
 @pytest.fixture(scope="module")
-def sqlite_study(tmp_path_factory, data_root):
-    tmp = tmp_path_factory.mktemp("tracked")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    args = ["--quick", "--epochs", "1", "--steps-per-epoch", "5", "--storage", str(tmp / "results"), "--mlflow-uri",
-            uri, "--data-root", str(data_root), "--register-model", MODEL_NAME]
-    # a user's MLFLOW_TRACKING_URI elsewhere must not matter: --mlflow-uri is the study's store, registry included
-    elsewhere = tmp / "elsewhere.db"
-    env = {**__import__("os").environ, "PYTHONPATH": str(__import__("conftest").ROOT),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{elsewhere}"}
-    first = subprocess.run(study_command(STUDY, *args), cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+def sqlite_study(quick_run):
+    """vae_lr end to end with --register-model (the session's shared --quick run), resumed once it has finished,
+    then ``python -m analysis`` on it."""
+    run = quick_run(STUDY)
+    first = run["proc"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert not elsewhere.exists()
-    resumed = subprocess.run(study_command(STUDY, *args, "--resume"), cwd=tmp, env=env, capture_output=True,
-                             text=True, timeout=600)
+    assert run["args"][run["args"].index("--register-model") + 1] == MODEL_NAME
+    # the user's MLFLOW_TRACKING_URI pointed elsewhere: --mlflow-uri is the study's store, registry included
+    assert not (run["base"] / "elsewhere.db").exists()
+    resumed = subprocess.run(study_command(STUDY, *run["args"], "--resume"), cwd=run["base"], env=run["env"],
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    report = subprocess.run([sys.executable, "-m", "analysis", str(tmp / "results" / STUDY)], cwd=tmp, env=env,
+    report = subprocess.run([sys.executable, "-m", "analysis", str(run["dir"])], cwd=run["base"], env=run["env"],
                             capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
-    return {"uri": uri, "dir": tmp / "results" / STUDY, "out": first.stdout, "resumed": resumed.stdout,
+    return {"uri": run["uri"], "dir": run["dir"], "out": first.stdout, "resumed": resumed.stdout,
             "report": report.stdout}
 
 
