@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# what every epoch of a trial reports, per kind of task
+LABEL_KEYS = {"train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou", "epoch",
+              "images_per_s"}
+VAE_KEYS = {"train/loss", "val/loss", "val/recon", "val/kl", "val/elbo", "epoch", "images_per_s"}
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +56,47 @@ def fast_flags(script: str) -> list[str]:
     return FAST[script.split("_")[0].replace("segnet", "seg")]
 
 
-@pytest.fixture(scope="session")
-def quick_run(tmp_path_factory, data_root):
-    """``python studies/NAME.py --quick ...`` run once per test session, as a user would (subprocess, real Ray,
-    MLflow on sqlite), and shared by every test that reads that study's results: a study costs 30-60 s here.
-    A user's MLFLOW_TRACKING_URI points elsewhere: --mlflow-uri alone must decide where the runs go."""
+def run_in_process(target: str, args: list[str], cwd: Path, env: dict[str, str]):
+    """``python TARGET ARGS`` (a script's path, or ``-m module``) run inside this process, as its ``__main__``,
+    with ``cwd`` and ``env`` as the command would have them: the exit code and output of a subprocess without
+    its ~10 s of imports and interpreter exit. Use it where a test reads a run's results; a test of the command
+    line itself (exit codes, signals, a killed driver) runs a real subprocess."""
+    import contextlib
+    import io
+    import runpy
     import subprocess
 
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    module = target[3:] if target.startswith("-m ") else None
+    saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+    sys.argv = [target if module is None else module, *args]
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if module is None:
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if not isinstance(exit_.code, (int, type(None))):
+            print(exit_.code, file=err)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([sys.executable, target, *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, data_root):
+    """``python studies/NAME.py --quick ...`` run once per test session (real Ray started and stopped by the
+    study, MLflow on sqlite) and shared by every test that reads that study's results: a study costs 30-60 s
+    here. In this process (``run_in_process``); the command line's own behaviour is tested by subprocesses.
+    A user's MLFLOW_TRACKING_URI points elsewhere: --mlflow-uri alone must decide where the runs go."""
     done: dict[str, dict] = {}
 
     def run(script: str) -> dict:
@@ -69,8 +107,7 @@ def quick_run(tmp_path_factory, data_root):
                    "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'elsewhere.db'}"}
             args = ["--quick", "--storage", str(base / "results"), "--mlflow-uri", uri, "--data-root", str(data_root),
                     *fast_flags(script), *SHARED_EXTRA.get(script, [])]
-            proc = subprocess.run(study_command(script, *args), cwd=base, env=env, capture_output=True, text=True,
-                                  timeout=600)
+            proc = run_in_process(str(ROOT / "studies" / f"{script}.py"), args, base, env)
             done[script] = {"proc": proc, "base": base, "dir": base / "results" / script, "uri": uri, "env": env,
                             "args": args}
         return done[script]

@@ -6,8 +6,6 @@ by ASHA, one that failed); the slow one trains a real --quick study and runs ``p
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from analysis.html import write_html, write_markdown
 from analysis.load import load_artifacts, load_study, read_results
 from analysis.report import build_report
 from analysis.tables import label_trials, letters, results_table
+from conftest import run_in_process
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 K = 21  # VOC classes (the shapes data set uses VOC's)
@@ -192,8 +191,7 @@ def quick_study(quick_run):
     """seg_optimizers end to end (the session's shared --quick run), then ``python -m analysis`` on it."""
     run = quick_run("seg_optimizers")
     assert run["proc"].returncode == 0, run["proc"].stdout[-3000:] + run["proc"].stderr[-3000:]
-    analysis = subprocess.run([sys.executable, "-m", "analysis", str(run["dir"])], cwd=run["base"], env=run["env"],
-                              capture_output=True, text=True, timeout=300)
+    analysis = run_in_process("-m analysis", [str(run["dir"])], run["base"], run["env"])
     assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
     return {"folder": run["dir"], "report": run["dir"] / "report", "uri": run["uri"], "stdout": analysis.stdout}
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, fast_flags, study_command
+from conftest import FAST, LABEL_KEYS, VAE_KEYS, fast_flags, study_command
 from studies.space import variants
 
 # the report's variants per script (issue 5's table); keys are the fields a study varies
@@ -67,6 +67,13 @@ def assert_complete(storage, client, runs, script: str, trials: int) -> None:
     """Every trial OK in the table, once in MLflow, FINISHED with each epoch and its checkpoint logged."""
     table = pd.read_csv(storage / "trials.csv")
     assert len(table) == trials and (table["status"] == "OK").all()
+    expected = VAE_KEYS if script.startswith("vae") else LABEL_KEYS
+    for trial in table["trial"]:  # each epoch's report has every key, the last checkpoint the t-SNE features
+        reports = [json.loads(line) for line in (storage / trial / "result.json").read_text().splitlines()]
+        assert all(expected <= set(report) for report in reports), (trial, expected - set(reports[-1]))
+        last = sorted((storage / trial).glob("checkpoint_*"))[-1]
+        finished = reports[-1]["epoch"] == json.loads((storage / trial / "params.json").read_text())["epochs"]
+        assert (last / "artifacts" / "features.npz").is_file() == finished, last  # not an ASHA-stopped trial's
     assert len(runs) == trials  # no duplicate MLflow runs
     if script == "seg_search":  # Optuna: every trial its own seed, the one MLflow records
         assert table["config/seed"].nunique() == len(table)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.load import load_study
 from analysis.tables import label_trials
-from conftest import study_command
+from conftest import run_in_process, study_command
 from studies.runner import study_variants
 from studies.tracking import check_reachable
 from trainables.mlflow_store import (PARENT_TAG, BrokenStoreError, experiment_id, find_or_create_parent, open_client,
@@ -175,8 +175,7 @@ def sqlite_study(quick_run):
     resumed = subprocess.run(study_command(STUDY, *run["args"], "--resume"), cwd=run["base"], env=run["env"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    report = subprocess.run([sys.executable, "-m", "analysis", str(run["dir"])], cwd=run["base"], env=run["env"],
-                            capture_output=True, text=True, timeout=600)
+    report = run_in_process("-m analysis", [str(run["dir"])], run["base"], run["env"])
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     return {"uri": run["uri"], "dir": run["dir"], "out": first.stdout, "resumed": resumed.stdout,
             "report": report.stdout}

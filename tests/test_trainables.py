@@ -9,16 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables import ClassifyConfig, SegmentConfig, VAEConfig, train_classifier, train_segmenter, train_vae
+from conftest import LABEL_KEYS, VAE_KEYS
+from trainables import ClassifyConfig, SegmentConfig, VAEConfig
 from trainables import classify, segment, vae
 from trainables.data import build_dataset, class_frequencies
 from trainables.loop import CudaUnavailableError, Hardware, NonFiniteLossError, cuda_problem
 from trainables.losses import class_weight_vector, segmentation_loss, vae_loss
 from trainables.tune_io import LocalSession, run_trial, state_bytes
 
-LABEL_KEYS = {"train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou", "epoch",
-              "images_per_s"}
-VAE_KEYS = {"train/loss", "val/loss", "val/recon", "val/kl", "val/elbo", "epoch", "images_per_s"}
 
 
 def small_configs(root: Path) -> dict:
@@ -207,21 +205,3 @@ def test_each_trial_sees_its_own_logical_gpu(ray_runtime):
     assert all(m["visible"] == m["gpu_ids"] for m in shared)
     assert [m["gpus"] for m in shared] == [0.5] * 4  # the share each trial caps its GPU memory to
     assert [(m["device"], m["gpus"]) for m in run(0, 1)] == [("cpu", 0)]
-
-
-@pytest.mark.parametrize("trainable,task_name", [(train_classifier, "classification"), (train_vae, "generation"),
-                                                 (train_segmenter, "segmentation")])
-def test_trainable_runs_two_trials_in_ray_tune(trainable, task_name, ray_runtime, data_root):
-    from ray import tune
-
-    config, _ = small_configs(data_root)[task_name]
-    space = {**config.to_dict(), "seed": tune.grid_search([0, 1])}
-    grid = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space=space,
-                      tune_config=tune.TuneConfig(reuse_actors=True),
-                      run_config=tune.RunConfig(verbose=0, storage_path=str(data_root / "tune"))).fit()
-    assert len(grid) == 2 and not grid.errors
-    expected = VAE_KEYS if task_name == "generation" else LABEL_KEYS
-    for result in grid:
-        assert result.metrics["training_iteration"] == 2 and result.metrics["epoch"] == 2
-        assert expected <= set(result.metrics)
-        assert (Path(result.checkpoint.path) / "artifacts" / "features.npz").is_file()
