@@ -46,7 +46,7 @@ def study_env(tmp_path) -> dict:
 
 
 # --quick, and still smaller where 2 cores need it: still embedded data, still 2 epochs
-FAST = {"seg": ["--image-size", "32", "--steps-per-epoch", "2"], "cls": ["--steps-per-epoch", "2"],
+FAST = {"seg": ["--image-size", "32", "--steps-per-epoch", "2"], "cls": ["--steps-per-epoch", "2", "--batch-size", "8"],
         "vae": ["--steps-per-epoch", "5"]}
 # what a shared run adds for the other tests that read it: test_tracking registers vae_lr's best model
 SHARED_EXTRA = {"vae_lr": ["--register-model", "vae-lr-best"], "seg_search": ["--num-samples", "4"]}

@@ -14,7 +14,7 @@ import pytest
 import ray
 from mlflow.exceptions import MlflowException
 
-from conftest import study_command
+from conftest import ROOT, run_in_process, study_command
 from studies import vae_lr
 from studies.cli import apply_args, build_parser
 from studies.errors import DEBUG_ENV, translate
@@ -149,8 +149,8 @@ def test_errors_of_ray_and_mlflow_are_translated_and_tracebacks_are_opt_in(tmp_p
     code, message = translate(ConnectionError("--mlflow-uri http://x: no MLflow server answers"))
     assert code == 2 and message.startswith("--mlflow-uri")
     env = {**study_env, DEBUG_ENV: "1"}
-    done = subprocess.run(study_command("vae_lr", "--quick", "--num-samples", "-1", "--storage", str(tmp_path / "r")),
-                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    done = run_in_process(str(ROOT / "studies" / "vae_lr.py"), ["--quick", "--num-samples", "-1", "--storage",
+                                                                str(tmp_path / "r")], tmp_path, env)
     assert done.returncode == 2 and "Traceback" in done.stderr and "UsageError" in done.stderr
     assert done.stderr.strip().splitlines()[-1] == ("error: --num-samples -1: must be an integer >= 1 (trials per grid "
                                                     "point with --search grid, in total with --search optuna)")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, LABEL_KEYS, VAE_KEYS, fast_flags, study_command
+from conftest import FAST, LABEL_KEYS, ROOT, VAE_KEYS, fast_flags, run_in_process, study_command
 from studies.space import variants
 
 # the report's variants per script (issue 5's table); keys are the fields a study varies
@@ -47,12 +47,11 @@ def test_space_is_the_reports(script):
     assert got == sorted(repr([want[key] for key in keys]) for want in EXPECTED[script])
 
 
-def run_script(script: str, tmp_path, env, *extra: str, timeout: int = 420) -> subprocess.CompletedProcess:
+def run_script(script: str, tmp_path, env, *extra: str) -> subprocess.CompletedProcess:
+    """The script with --quick and the small sizes, in this process (its exit code and output as a command's)."""
     storage, db = tmp_path / "results", tmp_path / "mlflow.db"
-    args = ["--quick", "--storage", str(storage), "--mlflow-uri", f"sqlite:///{db}",
-            *fast_flags(script), *extra]
-    return subprocess.run(study_command(script, *args), cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    args = ["--quick", "--storage", str(storage), "--mlflow-uri", f"sqlite:///{db}", *fast_flags(script), *extra]
+    return run_in_process(str(ROOT / "studies" / f"{script}.py"), args, tmp_path, env)
 
 
 def mlflow_runs(tmp_path, name: str):
@@ -140,7 +139,7 @@ def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
 
 def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env):
     start = time.time()
-    done = run_script("seg_concat", tmp_path, study_env, "--gpus-per-trial", "4", timeout=120)
+    done = run_script("seg_concat", tmp_path, study_env, "--gpus-per-trial", "4")
     assert done.returncode != 0
     assert "--gpus-per-trial 4" in done.stderr and "GPU" in done.stderr
     assert time.time() - start < 90
@@ -149,7 +148,7 @@ def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env
 
 def test_a_study_whose_checkpoints_cannot_fit_fails_before_ray_starts(tmp_path, study_env):
     # 3 optimizers x 10^5 samples x 2 kept checkpoints of SegNet (up to 338 MiB with Adam): no disk holds it
-    done = run_script("segnet_optimizers", tmp_path, study_env, "--num-samples", "100000", timeout=120)
+    done = run_script("segnet_optimizers", tmp_path, study_env, "--num-samples", "100000")
     assert done.returncode != 0
     assert "not enough disk" in done.stderr and "--storage" in done.stderr and "338 MiB" in done.stderr
     assert not (tmp_path / "results" / "segnet_optimizers").exists()
