@@ -32,10 +32,8 @@ demo: $(STAMP)
 	@echo "MLflow UI:      $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_DB)"
 	@echo "MLflow runs:    $$($(PY) -c "$$RUNS_URL" sqlite:///$(MLFLOW_DB) seg_optimizers)  (the study's runs table, once the UI is up)"
 
-# two workers, a test file each at a time (its module fixtures, a cluster or a Ray runtime, start once):
-# run one after the other, the tests leave the cores idle a third of the time, waiting on processes
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) results mlflow.db mlflow.db.lock
