@@ -313,3 +313,26 @@ def test_system_figures_report_this_processs_peak_memory():
     after = monitor.epoch_figures()["system/peak_rss_mib"]
     monitor.close()
     assert after - before > 250 and block.sum() > 0
+
+
+def test_exported_model_pins_the_running_versions_and_loads_at_any_batch_size(tmp_path):
+    """The trial's model folder: pins read from the running modules (MLflow's own check of them, seconds per
+    worker process, is skipped and put back), and a VAE served as one tensor that loads from the folder."""
+    import mlflow
+    import mlflow.pytorch
+    import torchvision
+    from mlflow.utils import environment
+
+    from trainables.export import export_model
+    from vision_models import build_model
+
+    check = environment.warn_dependency_requirement_mismatches
+    model, example = build_model("conv_vae", in_channels=1, image_size=28, latent_dim=2).eval(), torch.rand(1, 1, 28, 28)
+    folder = export_model(model, example, tmp_path / "model")
+    assert environment.warn_dependency_requirement_mismatches is check
+    pins = set((folder / "requirements.txt").read_text().split())
+    assert {f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"} <= pins, pins
+    loaded = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+    with torch.no_grad():
+        assert loaded(torch.rand(3, 1, 28, 28)).shape == (3, 1, 28, 28)  # any batch size, not the example's 1
