@@ -31,6 +31,14 @@ EXPECTED = {
 TRIALS = {**{name: len(v) for name, v in EXPECTED.items()}, "vae_losses": 3, "seg_search": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_runtime(ray_runtime):
+    """This module's in-process studies join one Ray runtime, as a study run from a notebook with Ray up does (the
+    runner starts and stops Ray only when none is up): one start instead of nine, ~8 s and 8 CPU-seconds each.
+    Its subprocess studies start their own, as from a shell."""
+    yield ray_runtime
+
+
 def _get(config, dotted: str):
     for part in dotted.split("."):
         config = getattr(config, part)

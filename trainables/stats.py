@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from trainables import naming
 
@@ -48,7 +47,7 @@ def welch_interval(a, b, confidence: float = CONFIDENCE) -> Interval | None:
         return Interval(diff, diff, diff)
     # Welch-Satterthwaite degrees of freedom
     df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
-    half = stats.t.ppf((1 + confidence) / 2, df) * se
+    half = _t_quantile((1 + confidence) / 2, df) * se
     return Interval(diff, diff - half, diff + half)
 
 
@@ -57,9 +56,18 @@ def slope_interval(x, y, confidence: float = CONFIDENCE) -> Interval | None:
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3 or np.ptp(x) == 0:
         return None
-    fit = stats.linregress(x, y)
-    half = stats.t.ppf((1 + confidence) / 2, len(x) - 2) * fit.stderr
+    from scipy.stats import linregress
+
+    fit = linregress(x, y)
+    half = _t_quantile((1 + confidence) / 2, len(x) - 2) * fit.stderr
     return Interval(fit.slope, fit.slope - half, fit.slope + half)
+
+
+def _t_quantile(q: float, df: float) -> float:
+    # scipy.stats is imported here, not above: it costs 1.2 s, and every trial's worker imports this package
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))
 
 
 def _cell(value) -> str:
