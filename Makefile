@@ -32,8 +32,9 @@ demo: $(STAMP)
 	@echo "MLflow UI:      $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_DB)"
 	@echo "MLflow runs:    $$($(PY) -c "$$RUNS_URL" sqlite:///$(MLFLOW_DB) seg_optimizers)  (the study's runs table, once the UI is up)"
 
+# two workers, one module (or group of modules) at a time each: tests/conftest.py, pytest_xdist_make_scheduler
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) results mlflow.db mlflow.db.lock

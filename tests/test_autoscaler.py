@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_cluster import BIN, Started, answers, free_port, node_ports, wait_until
+from test_cluster import Started, answers, free_port, wait_until
 
 from conftest import ROOT, study_command
 
@@ -91,10 +91,10 @@ def cluster(tmp_path_factory):
     config = tmp / "autoscaling.yaml"
     config.write_text(yaml.safe_dump(autoscaling_config(gcs_port)))
     try:
-        head = started.popen("head", [
-            str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs_port), "--num-cpus", "0",
-            "--num-gpus", "0", "--autoscaling-config", str(config), "--include-dashboard=false",
-            "--temp-dir", str(ray_tmp), "--object-store-memory", str(100 * 2**20), *node_ports()])
+        head = started.start_node("head", [
+            "--head", "--port", str(gcs_port), "--num-cpus", "0", "--num-gpus", "0", "--autoscaling-config",
+            str(config), "--include-dashboard=false", "--temp-dir", str(ray_tmp), "--object-store-memory",
+            str(100 * 2**20)])
         wait_until(lambda: answers(gcs_port), head, "the head node's GCS", started)
         info = {"address": f"127.0.0.1:{gcs_port}", "env": env, "dir": tmp, "started": started}
         state = cluster_state(info, "autoscaler", 60)  # the study must see the autoscaler's first status

@@ -112,6 +112,26 @@ class Started:
         self.procs.append(proc)
         return proc
 
+    def start_node(self, name: str, args: list[str], timeout: float = 120) -> subprocess.Popen:
+        """``ray start ARGS --block`` (and ports of its own), returned once its node is up. Ray gives a node 30 s
+        to register with the GCS (fixed in ``ray._private.node``), which a loaded 2-core machine can miss: such a
+        start is retried once, with fresh ports; any other failure is the test's."""
+        for attempt in (1, 2):
+            label = name if attempt == 1 else f"{name}-retry"
+            proc = self.popen(label, [str(BIN / "ray"), "start", "--block", *args, *node_ports()])
+            deadline = time.time() + timeout
+            while "Ray runtime started." not in (self.log_dir / f"{label}.log").read_text():
+                if proc.poll() is not None:
+                    break
+                assert time.time() < deadline, f"{label}: not up after {timeout:.0f} s:\n{self.log_tail(label)}"
+                time.sleep(0.3)
+            else:
+                return proc
+            if attempt == 1 and "timed out during startup" in self.log_tail(label, 20_000):
+                continue
+            raise AssertionError(f"{label} exited with {proc.returncode}:\n{self.log_tail(label)}")
+        raise AssertionError("unreachable")
+
     def log_tail(self, name: str, chars: int = 3000) -> str:
         return (self.log_dir / f"{name}.log").read_text()[-chars:]
 
@@ -189,22 +209,20 @@ def cluster(tmp_path_factory):
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     started = Started(env, tmp)
     gcs_port, mlflow_port = free_port(), free_port()
-    common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20)]
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20)]
     try:
         mlflow = started.popen("mlflow", [
             str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
             # tracking needs no job runner: one process less to start, and no huey store left in /dev/shm
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        head = started.popen("head", [
-            str(BIN / "ray"), "start", "--head", "--port", str(gcs_port), "--resources", '{"head_node": 1}',
-            "--include-dashboard=false", "--dashboard-port", str(free_port()), "--temp-dir", str(ray_tmp / "h"),
-            *common, *node_ports()])
+        head = started.start_node("head", [
+            "--head", "--port", str(gcs_port), "--resources", '{"head_node": 1}', "--include-dashboard=false",
+            "--dashboard-port", str(free_port()), "--temp-dir", str(ray_tmp / "h"), *common])
         wait_until(lambda: answers(gcs_port), head, "the head node's GCS", started)
         address = f"127.0.0.1:{gcs_port}"
-        worker = started.popen("worker", [
-            str(BIN / "ray"), "start", "--address", address, "--resources", '{"worker_node": 1}',
-            "--temp-dir", str(ray_tmp / "w"), *common, *node_ports()])
+        worker = started.start_node("worker", [
+            "--address", address, "--resources", '{"worker_node": 1}', "--temp-dir", str(ray_tmp / "w"), *common])
         found = subprocess.run([sys.executable, "-c", NODES_SCRIPT, address], env=env, capture_output=True,
                                text=True, timeout=120)
         lines = [line for line in found.stdout.splitlines() if line.startswith("NODES ")]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_cluster import BIN, Started, answers, free_port, node_ports, wait_until
+from test_cluster import BIN, Started, answers, free_port, wait_until
 
 from conftest import ROOT
 
@@ -36,11 +36,10 @@ def head(tmp_path_factory):
     started = Started(env, tmp)
     gcs_port, dashboard_port = free_port(), free_port()
     try:
-        proc = started.popen("head", [
-            str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs_port), "--num-cpus", "2",
-            "--num-gpus", "0", "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port()),
-            "--temp-dir", str(ray_tmp), "--object-store-memory", str(100 * 2**20), *node_ports()])
+        proc = started.start_node("head", [
+            "--head", "--port", str(gcs_port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--ray-client-server-port",
+            str(free_port()), "--temp-dir", str(ray_tmp), "--object-store-memory", str(100 * 2**20)])
         # its HTTP API answers 401 without the token: an open port is the sign it serves
         wait_until(lambda: answers(dashboard_port), proc, "the dashboard", started, timeout=120)
         yield {"address": f"http://127.0.0.1:{dashboard_port}", "env": env, "dir": tmp}
