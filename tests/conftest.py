@@ -61,12 +61,17 @@ def data_root(tmp_path_factory) -> Path:
 def ray_runtime():
     """A real Ray runtime (local mode no longer exists), with two logical GPUs so that per-trial GPU
     allocation can be checked on a CPU machine; trials that ask for no GPU still run on the CPU."""
+    import signal
+
     import ray
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})
     yield ray
     ray.shutdown()
+    for sig, handler in handlers.items():  # ray.init's own SIGTERM handler outlives shutdown(): the next module's
+        signal.signal(sig, handler)       # tests find the process as they would alone
 
 
 def study_command(script: str, *args: str) -> list[str]:

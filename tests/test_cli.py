@@ -170,7 +170,7 @@ def test_the_script_itself_refuses_an_unreachable_address_in_one_line(tmp_path, 
 
 
 def test_stop_signals_hand_the_first_to_tunes_handler_and_raise_on_the_second():
-    stops = []
+    stops, outer = [], signal.getsignal(signal.SIGTERM)  # SIG_DFL, unless a runtime this process started set one
     with stop_signals() as stop:
         with pytest.raises(Stopped) as outside:  # before fit(): nothing could save state, stop at once
             os.kill(os.getpid(), signal.SIGTERM)
@@ -184,7 +184,7 @@ def test_stop_signals_hand_the_first_to_tunes_handler_and_raise_on_the_second():
             with pytest.raises(Stopped):
                 os.kill(os.getpid(), signal.SIGINT)  # the second one does not wait
         assert signal.getsignal(TUNE_STOP) is before  # Tune's stale handler is not left behind
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") is None
+    assert signal.getsignal(signal.SIGTERM) is outer and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") is None
 
 
 def test_an_unreachable_ray_address_from_the_environment_is_named_as_such(tmp_path, monkeypatch, capsys):
@@ -199,7 +199,7 @@ def test_a_study_run_from_a_thread_leaves_signals_alone(tmp_path):
     """Notebooks and services call run_study off the main thread, where Python refuses signal handlers."""
     import threading
 
-    outcome = []
+    outcome, outer = [], signal.getsignal(signal.SIGTERM)
 
     def work() -> None:
         try:
@@ -213,4 +213,4 @@ def test_a_study_run_from_a_thread_leaves_signals_alone(tmp_path):
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    assert outcome == [signal.SIG_DFL]
+    assert outcome == [outer]
