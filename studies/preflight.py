@@ -18,7 +18,6 @@ from studies.tracking import local_artifact_root
 from trainables import TrainConfig
 from trainables.data import build_dataset
 from vision_models import build_model
-from vision_models.weights import fetch_pretrained
 
 
 KEEP_CHECKPOINTS = 2  # per trial: the newest two, so a crash while writing one leaves the other
@@ -184,6 +183,8 @@ def check_weights(base: TrainConfig, space: dict) -> list[str]:
         kwargs = config.model_kwargs()
         if not kwargs.get("pretrained") or config.model in files:
             continue
+        from vision_models.weights import fetch_pretrained  # torchvision's: imported by studies that pretrain
+
         files[config.model] = fetch_pretrained(config.model, fix="pass --no-pretrained to train from scratch")
         try:  # keys and shapes checked against the file on the meta device: no memory, no copies
             with torch.device("meta"), warnings.catch_warnings():

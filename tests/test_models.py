@@ -2,7 +2,10 @@
 overfitting one batch, feature taps and offline pretrained weights."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import urllib.error
 
 import pytest
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet18 as tv_resnet18, resnet34 as tv_resnet34, resnet50 as tv_resnet50
 from torchvision.models import vgg as tv_vgg
 
+from conftest import ROOT
 from vision_models import MODELS, build_model, check_image_size, extract, segnet
 from vision_models.unet import ResNet50Encoder
 
@@ -71,6 +75,20 @@ def expected_shapes(name: str, kwargs: dict, shape: tuple) -> list[tuple]:
 
 def test_every_model_is_tested():
     assert {name for name, _, _ in VARIANTS} == set(MODELS)
+    from vision_models import resnet
+
+    assert set(resnet.DEPTHS) <= set(MODELS)  # the registry names every depth the module builds
+
+
+def test_a_vae_process_never_imports_torchvision():
+    """What a VAE study's driver and its trials import (torchvision costs a process 3.6 s, torch._dynamo included):
+    the registry imports a model's module when it is looked up, the data sets torchvision where they read files."""
+    code = ("import sys; import studies.runner, studies.vae_lr, trainables.vae, trainables.tune_io; "
+            "from vision_models import build_model, check_image_size; check_image_size('conv_vae', 28, image_size=28);"
+            "build_model('conv_vae', image_size=28); print(sorted(m for m in sys.modules if m.startswith('torchvision')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name,kwargs,shape", VARIANTS, ids=IDS)

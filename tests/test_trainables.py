@@ -205,3 +205,20 @@ def test_each_trial_sees_its_own_logical_gpu(ray_runtime):
     assert all(m["visible"] == m["gpu_ids"] for m in shared)
     assert [m["gpus"] for m in shared] == [0.5] * 4  # the share each trial caps its GPU memory to
     assert [(m["device"], m["gpus"]) for m in run(0, 1)] == [("cpu", 0)]
+
+
+def test_image_grid_is_torchvisions_pixel_for_pixel(tmp_path):
+    """save_rows writes what torchvision's make_grid + save_image would (the VAE's trials no longer import it)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.utils import make_grid, save_image
+
+    from trainables.artifacts import save_rows
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.rand(5, 1, 7, 9, generator=generator), torch.rand(5, 3, 7, 9, generator=generator)]
+    save_rows(tmp_path / "ours.png", rows, padding=2)
+    tiles = torch.cat([row.expand(-1, 3, -1, -1) for row in rows])
+    save_image(make_grid(tiles, nrow=5, padding=2, pad_value=1.0), str(tmp_path / "theirs.png"))
+    ours, theirs = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("ours", "theirs"))
+    assert ours.shape == theirs.shape == (2 * 9 + 2, 5 * 11 + 2, 3) and (ours == theirs).all()

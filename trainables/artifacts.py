@@ -10,9 +10,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.utils import make_grid, save_image
 
 from trainables.loop import Hardware
 from vision_models import extract
@@ -57,9 +57,15 @@ def save_features(path: Path, features: dict[str, np.ndarray], labels: np.ndarra
 
 def save_rows(path: Path, rows: Sequence[torch.Tensor], padding: int = 2) -> None:
     """A PNG grid, one row per tensor of (N, 3|1, H, W) images in [0, 1]."""
-    count = rows[0].shape[0]
-    tiles = torch.cat([row.float().cpu().expand(-1, 3, -1, -1) for row in rows])
-    save_image(make_grid(tiles, nrow=count, padding=padding, pad_value=1.0), str(path))
+    count, (height, width) = rows[0].shape[0], rows[0].shape[-2:]
+    # torchvision.utils.make_grid + save_image, written out: a VAE trial needs nothing else of torchvision
+    grid = torch.ones(3, len(rows) * (height + padding) + padding, count * (width + padding) + padding)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row.float().cpu().expand(-1, 3, -1, -1)):
+            top, left = padding + r * (height + padding), padding + c * (width + padding)
+            grid[:, top:top + height, left:left + width] = tile
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # save_image's rounding
+    Image.fromarray(pixels).save(path, format="PNG")
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 import vision_models
@@ -39,7 +39,11 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
     with torch.no_grad():
         outputs = served(inputs)
     signature = infer_signature(inputs.numpy(), outputs.numpy())
-    requirements = [f"{module.__name__}=={module.__version__.split('+')[0]}" for module in (torch, torchvision, np)]
+    # torchvision's version from its metadata: a VAE's process never imports it (3.6 s); the pickled models of
+    # the others need it installed where they load
+    versions = {"torch": torch.__version__, "torchvision": importlib.metadata.version("torchvision"),
+                "numpy": np.__version__}
+    requirements = [f"{name}=={version.split('+')[0]}" for name, version in versions.items()]
     # explicit requirements: inferring them loads the model again in a subprocess (seconds per trial).
     # pickle, not MLflow 3's default pt2: torch.export traces for seconds and fixes the batch size at the
     # example's 1; the pickled module takes any batch, and its classes travel as code (vision_models).

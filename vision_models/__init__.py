@@ -1,33 +1,54 @@
 """The report's networks: a registry of builders, input-size checks and named feature taps (torch only)."""
 from __future__ import annotations
 
+import importlib
 import inspect
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Callable
 
 from torch import nn
 
-from vision_models import resnet, segnet, unet, vae, vgg
 from vision_models.sizes import SizeRule, as_hw
 from vision_models.taps import extract, tap_names
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "vgg16": vgg.vgg16,
-    "resnet18": resnet.resnet18,
-    "resnet34": resnet.resnet34,
-    "resnet50": resnet.resnet50,
-    "conv_vae": vae.conv_vae,
-    "segnet_vgg16": segnet.segnet_vgg16,
-    "unet_resnet50": unet.unet_resnet50,
-}
 
-SIZE_RULES: dict[str, Callable[..., SizeRule]] = {
-    "vgg16": vgg.size_rule,
-    **{name: partial(resnet.size_rule, name) for name in resnet.DEPTHS},
-    "conv_vae": vae.size_rule,
-    "segnet_vgg16": segnet.size_rule,
-    "unet_resnet50": unet.size_rule,
-}
+class _OnFirstUse(Mapping):
+    """name -> the function ``vision_models.<module>.<attribute>`` (with leading arguments), imported when looked
+    up: the ResNet, SegNet and U-Net modules build on torchvision, whose import costs a process 3.6 s here (its ops
+    pull in torch._dynamo), and a VAE trial or study needs none of them."""
+
+    def __init__(self, entries: dict[str, tuple]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> Callable:
+        module, attribute, *leading = self._entries[name]
+        found = getattr(importlib.import_module(f"vision_models.{module}"), attribute)
+        return partial(found, *leading) if leading else found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_RESNETS = ("resnet18", "resnet34", "resnet50")
+MODELS: Mapping[str, Callable[..., nn.Module]] = _OnFirstUse({
+    "vgg16": ("vgg", "vgg16"),
+    **{name: ("resnet", name) for name in _RESNETS},
+    "conv_vae": ("vae", "conv_vae"),
+    "segnet_vgg16": ("segnet", "segnet_vgg16"),
+    "unet_resnet50": ("unet", "unet_resnet50"),
+})
+
+SIZE_RULES: Mapping[str, Callable[..., SizeRule]] = _OnFirstUse({
+    "vgg16": ("vgg", "size_rule"),
+    **{name: ("resnet", "size_rule", name) for name in _RESNETS},
+    "conv_vae": ("vae", "size_rule"),
+    "segnet_vgg16": ("segnet", "size_rule"),
+    "unet_resnet50": ("unet", "size_rule"),
+})
 
 __all__ = ["MODELS", "SIZE_RULES", "SizeRule", "build_model", "check_image_size", "extract", "size_rule",
            "tap_names"]

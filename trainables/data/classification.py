@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from .batched import BatchedImages
 from .errors import BadDataError, download_failed, missing_data
@@ -45,6 +44,8 @@ def build_cifar10(root: Path, split: str, image_size: int, *, download: bool, no
         if missing:
             raise missing_data("cifar10", root, layout, missing)
     stats = (CIFAR_MEAN, CIFAR_STD) if normalize else (None, None)
+    import torchvision  # here, not above: the embedded sets' processes never pay its import (3.6 s)
+
     try:
         # torchvision reads (and MD5-checks) the pickles; its .data is already the (N,32,32,3) uint8 array
         source = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
@@ -67,6 +68,8 @@ def build_mnist(root: Path, split: str, image_size: int, *, download: bool, norm
     if missing and not download:
         raise missing_data("mnist", root, layout, missing)
     stats = (MNIST_MEAN, MNIST_STD) if normalize else (None, None)
+    import torchvision
+
     try:
         source = torchvision.datasets.MNIST(str(root), train=split == "train", download=download)
     except (OSError, RuntimeError) as err:

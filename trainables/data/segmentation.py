@@ -20,7 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .decoded import DecodedArrays
-from .transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
 
 SCALE = (0.5, 2.0)
 

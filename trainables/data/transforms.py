@@ -14,9 +14,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
+from .segmentation import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (this path's users import them here)
 
 JointTransform = Callable[[Image.Image, Image.Image], tuple]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from torchvision.datasets import VOCSegmentation
 
 from .checks import default_cache_dir, validate_segmentation
 from .decoded import decoded
@@ -60,6 +59,8 @@ def check_voc_layout(root: Path, year: str, image_set: str, name: str = "voc") -
 
 def _download(root: Path, split: str) -> None:
     """Fetch VOC2012 trainval (and, for validation, the VOC2007 test set the report evaluates on)."""
+    from torchvision.datasets import VOCSegmentation
+
     layout = VOC_LAYOUT.replace("{root}", str(root))
     try:
         VOCSegmentation(str(root), year="2012", image_set="train", download=True)
@@ -76,6 +77,8 @@ def build_voc(root: Path, split: str, image_size: int, *, download: bool = False
               augment: bool = False, normalize: bool = True, name: str = "voc") -> SegmentationSet:
     """A VOC-format segmentation set: item = (image (3,S,S) ImageNet-normalised, mask int64 (S,S), 255 = ignore),
     read from its decoded cache (built on first use, which the driver's data check makes before any trial)."""
+    from torchvision.datasets import VOCSegmentation  # here: importing this module (its palette) stays light
+
     if train_split not in TRAIN_SPLITS:
         raise ValueError(f"train_split must be one of {TRAIN_SPLITS}; got {train_split!r}")
     if download:
