@@ -272,6 +272,17 @@ def test_embedded_classification_sets(tmp_path, name, sizes, image_size):
     assert dataset_info(name).in_channels == 1
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """The digits are load_digits' images and labels, read from the same file; only the test imports sklearn."""
+    from sklearn.datasets import load_digits
+
+    from trainables.data.classification import _digits_arrays
+
+    images, labels = _digits_arrays()
+    reference = load_digits()
+    assert images.dtype == np.uint8 and (images == reference.images).all() and (labels == reference.target).all()
+
+
 def test_unknown_names_list_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="valid names: cifar10, mnist"):
         build_dataset("imagenet", "train", tmp_path, 32)

@@ -57,9 +57,9 @@ def _embedded_source(name: str) -> str:
 
         return str(mnist5k_path())
     if name == "digits":
-        import sklearn.datasets
+        from trainables.data.classification import digits_path
 
-        return str(Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz")
+        return str(digits_path())
     return name
 
 

