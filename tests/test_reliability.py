@@ -37,6 +37,24 @@ def _history(tmp_path: Path, study: str) -> dict[str, tuple[str, list[int]]]:
         if "vision_tune.trial_id" in run.data.tags}  # the study's parent run aside
 
 
+def _epoch_two_worker(study: Path, deadline: float) -> tuple[Path | None, int | None]:
+    """The bce trial's folder and worker pid once that worker has written its epoch-2 checkpoint (Tune writes
+    params.json and result.json as the trial runs: a file caught empty or mid-write is read again)."""
+    while time.time() < deadline:
+        for params in study.glob("*/params.json"):
+            trial = params.parent
+            try:
+                if json.loads(params.read_text())["loss"] != "bce" or not (trial / "checkpoint_000001").is_dir():
+                    continue
+                first = (trial / "result.json").read_text().splitlines()[:1]
+                if first:
+                    return trial, json.loads(first[0])["pid"]
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.02)
+    return None, None
+
+
 def test_survives_a_trial_worker_killed_mid_epoch(tmp_path, study_env, data_root):
     """SIGKILL of the worker in epoch 3: retried from the epoch-2 checkpoint, same final metrics, every epoch kept
     in Tune's results and in one MLflow run."""
@@ -45,18 +63,16 @@ def test_survives_a_trial_worker_killed_mid_epoch(tmp_path, study_env, data_root
                  "--data-root", str(data_root))
     driver = subprocess.Popen(study_command("vae_losses", *args), cwd=tmp_path, env=study_env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim, pid, deadline = None, None, time.time() + 240
-    while pid is None and time.time() < deadline:  # the bce trial's worker has written its epoch-2 checkpoint
-        for params in study.glob("*/params.json"):
-            trial = params.parent
-            if json.loads(params.read_text())["loss"] == "bce" and (trial / "checkpoint_000001").is_dir():
-                lines = (trial / "result.json").read_text().splitlines() if (trial / "result.json").exists() else []
-                victim, pid = trial, json.loads(lines[0])["pid"] if lines else None
-        time.sleep(0.02)
-    assert pid is not None, "the bce trial never reached its second checkpoint"
-    assert not (victim / "checkpoint_000002").exists(), "too late: the trial finished before the kill"
-    os.kill(pid, signal.SIGKILL)  # inside epoch 3, with epoch 2's result maybe not yet in storage
-    out, _ = driver.communicate(timeout=400)
+    try:
+        victim, pid = _epoch_two_worker(study, deadline=time.time() + 240)
+        assert pid is not None, "the bce trial never reached its second checkpoint"
+        assert not (victim / "checkpoint_000002").exists(), "too late: the trial finished before the kill"
+        os.kill(pid, signal.SIGKILL)  # inside epoch 3, with epoch 2's result maybe not yet in storage
+        out, _ = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:  # a failed check must not leave the study running, blocked on its full pipe
+            driver.kill()
+            driver.communicate()
     assert driver.returncode == 0, out[-4000:]
 
     epochs = [json.loads(line)["epoch"] for line in (victim / "result.json").read_text().splitlines()]
