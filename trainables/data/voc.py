@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-
 from .checks import default_cache_dir, validate_segmentation
 from .decoded import decoded
 from .errors import download_failed, missing_data
