@@ -9,7 +9,7 @@ import pytest
 from ray.core.generated import autoscaler_pb2
 
 from studies import autoscaling, preflight
-from studies.runner import node_groups
+from studies.runner.tuner import node_groups
 
 NOW = 1796109984.6
 # `__autoscaling_status` as the v1 monitor wrote it while a {"CPU": 3} task waited on a cluster of 1-CPU workers

@@ -127,7 +127,7 @@ def test_a_crop_smaller_than_the_canvas_is_padded_black_with_ignored_mask():
 
 
 def test_worker_default_follows_cpus_per_trial(data_root):
-    from studies.cli import apply_args, build_parser
+    from studies.runner.cli import apply_args, build_parser
 
     def config_for(*argv: str) -> tuple[SegmentConfig, float]:
         args = build_parser("test").parse_args(list(argv))

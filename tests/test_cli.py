@@ -16,13 +16,13 @@ from mlflow.exceptions import MlflowException
 
 from conftest import ROOT, run_in_process, study_command
 from studies import vae_lr
-from studies.cli import apply_args, build_parser
-from studies.errors import DEBUG_ENV, translate
-from studies.interrupts import TUNE_STOP, Stopped, stop_signals
-from studies.preflight import trial_count
-from studies.record import definition, invocation, updated, write_file
+from studies.runner.cli import apply_args, build_parser
+from studies.runner.errors import DEBUG_ENV, MAX_LINES, exception_message, translate
+from studies.runner.interrupts import TUNE_STOP, Stopped, stop_signals
+from studies.runner.preflight import trial_count
+from studies.runner.record import definition, invocation, updated, write_file
 from studies.runner import run_study
-from studies.space import grid_size
+from studies.runner.space import grid_size
 
 
 def _free_port() -> int:
@@ -31,14 +31,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli(monkeypatch, capsys, tmp_path, *flags: str) -> tuple[int, str]:
-    """vae_lr's run_study as its script calls it (argv from sys.argv): (exit code, stderr)."""
-    argv = ["studies/vae_lr.py", "--quick", "--storage", str(tmp_path / "results"),
+def _cli(monkeypatch, capsys, tmp_path, *flags: str, study=vae_lr) -> tuple[int, str]:
+    """A study's run_study as its script calls it (argv from sys.argv): (exit code, stderr)."""
+    name = study.__name__.rpartition(".")[2]
+    argv = [f"studies/{name}.py", "--quick", "--storage", str(tmp_path / "results"),
             "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *flags]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
-        run_study("vae_lr", vae_lr.BASE, vae_lr.SPACE, metric="val/loss", mode="min", doc=vae_lr.__doc__)
+        run_study(name, study.BASE, study.SPACE, metric=study.FINDING.metric, mode=study.FINDING.mode,
+                  doc=study.__doc__)
     return done.value.code, capsys.readouterr().err
 
 
@@ -86,6 +88,43 @@ def test_bad_flag_fails_before_ray_in_one_line_naming_it(flags, message, tmp_pat
     assert lines[0].startswith("error: ") and len(lines) <= 2 and "Traceback" not in err, err
     assert not ray.is_initialized()
     assert not (tmp_path / "results" / "vae_lr").exists()  # nothing that would block the corrected command
+
+
+def test_bad_data_names_every_bad_file_up_to_a_bound(tmp_path, monkeypatch, capsys):
+    """A VOC folder with masks labelled 37: the user sees the files and their labels, not just a count."""
+    import numpy as np
+    from PIL import Image
+
+    from studies import seg_optimizers
+    from test_data import _voc_palette, _write_year
+
+    ids = [f"2012_{i:06d}" for i in range(1, 14)]
+    _write_year(tmp_path / "voc", 2012, {"train": ids[:10], "val": ids[10:], "trainval": ids})
+    for image_id in ids:
+        path = tmp_path / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClass" / f"{image_id}.png"
+        mask = np.array(Image.open(path))
+        mask[0, 0] = 37
+        png = Image.fromarray(mask)
+        png.putpalette(_voc_palette())
+        png.save(path)
+    code, err = _cli(monkeypatch, capsys, tmp_path, "--dataset", "voc", "--data-root", str(tmp_path / "voc"),
+                     study=seg_optimizers)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("error: BadDataError: voc") and "Traceback" not in err, err
+    assert f"{tmp_path}/voc/VOCdevkit/VOC2012/SegmentationClass/{ids[0]}.png: labels [37] outside 0..20" in err
+    assert sum("labels [37]" in line for line in lines) == 10 and "... and 3 more" in lines[-1], err
+    assert not ray.is_initialized()
+
+
+def test_long_messages_keep_their_head_and_count_the_rest():
+    code, message = translate(ValueError("first\n" + "\n".join(f"  line {i}" for i in range(30))))
+    lines = message.splitlines()
+    assert code == 1 and lines[0] == "ValueError: first" and lines[1] == "  line 0" and len(lines) == MAX_LINES + 1
+    assert lines[-1] == f"  ... and {31 - MAX_LINES} more line(s) (--debug shows them all)"
+    traceback = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise BadDataError(x)\n"
+                 "trainables.data.errors.BadDataError: voc: 2 bad file(s):\n  /d/a.png: labels [37]\n  /d/b.png: mask missing")
+    assert exception_message(traceback).splitlines() == [
+        "trainables.data.errors.BadDataError: voc: 2 bad file(s):", "  /d/a.png: labels [37]", "  /d/b.png: mask missing"]
 
 
 def test_argparse_errors_are_two_lines(tmp_path, monkeypatch, capsys):

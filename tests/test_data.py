@@ -335,7 +335,7 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(voc_root, damage, caplog):
 
 
 def test_the_driver_data_check_builds_the_cache_before_trials(data_root):
-    from studies.preflight import check_data
+    from studies.runner.preflight import check_data
     from trainables import SegmentConfig
 
     check_data(SegmentConfig(dataset="shapes", data_root=str(data_root), image_size=32))

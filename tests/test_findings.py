@@ -25,7 +25,7 @@ from analysis.load import load_study
 from analysis.report import build_report
 from analysis.variants import variant_table
 from conftest import study_command
-from studies.space import merge_space, sample_seed, seed_samples
+from studies.runner.space import merge_space, sample_seed, seed_samples
 from trainables import ClassifyConfig, Finding, SegmentConfig
 from trainables.finding import CONTRADICTED, NOT_SIGNIFICANT, SUPPORTED, UNTESTABLE, judge
 from trainables.stats import slope_interval, welch_interval
@@ -207,7 +207,7 @@ def test_samples_get_distinct_reproducible_seeds_in_tunes_grid_and_in_optuna(tmp
     from ray import tune
     from ray.tune.search.variant_generator import generate_variants
 
-    from studies.runner import SeededOptunaSearch
+    from studies.runner.tuner import SeededOptunaSearch
 
     base = ClassifyConfig(dataset="digits", seed=7)
     space = merge_space(base.to_dict(), {"optim": {"lr": tune.grid_search([0.1, 0.05])}})
@@ -254,7 +254,7 @@ RESNET50_FILE = "resnet50-11ad3fa6.pth"  # the file name of torchvision's ResNet
 def test_pretrained_weights_are_resolved_on_the_driver_and_change_the_encoder(tmp_path, monkeypatch):
     from torchvision.models import resnet50
 
-    from studies.preflight import check_weights
+    from studies.runner.preflight import check_weights
     from vision_models import build_model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -322,7 +322,7 @@ def test_a_study_with_samples_records_distinct_seeds_and_its_verdict(tmp_path, s
 
 
 def test_no_pretrained_flag_and_quick_train_from_scratch():
-    from studies.cli import apply_args, build_parser
+    from studies.runner.cli import apply_args, build_parser
     from studies.seg_concat import BASE, SPACE
     from trainables import ConfigError, VAEConfig
 

@@ -249,7 +249,7 @@ def test_resume_gives_restored_and_newly_created_trials_the_new_retries_and_unpl
     from ray.tune.execution.placement_groups import PlacementGroupFactory
     from ray.tune.experiment import Trial
 
-    from studies.runner import ApplyOnResume
+    from studies.runner.tuner import ApplyOnResume
 
     def trial(status: str) -> Trial:
         made = Trial("train_vae", config={}, stub=True, max_failures=0,

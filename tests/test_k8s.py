@@ -23,7 +23,7 @@ import ray
 import yaml
 
 from conftest import ROOT
-from studies.cli import build_parser
+from studies.runner.cli import build_parser
 
 K8S = ROOT / "k8s"
 KUBERNETES = "1.31.0"  # the oldest Kubernetes still in upstream support when this was written

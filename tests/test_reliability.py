@@ -15,8 +15,10 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from conftest import study_command
-from studies.runner import ResourceError, run_study
+from conftest import run_in_process, study_command
+from studies.runner import run_study
+from studies.runner.errors import TRIALS_FAILED
+from studies.runner.preflight import ResourceError
 from trainables import ConfigError, OptimConfig, SegmentConfig, VAEConfig
 from trainables.tune_io import LocalSession, run_trial
 from trainables.vae import TASK as VAE_TASK
@@ -88,17 +90,37 @@ def test_survives_a_trial_worker_killed_mid_epoch(tmp_path, study_env, data_root
     assert len(_history(tmp_path, "vae_losses")) == 3
 
 
-def test_survives_a_nan_trial_while_the_others_finish(tmp_path):
-    base = VAEConfig(dataset="mnist5k", image_size=28, epochs=2, steps_per_epoch=10, optim=OptimConfig("sgd", 1e-3))
-    space = {"optim": {"lr": tune.grid_search([1e-3, 1e12])}}
-    table = run_study("nan_study", base, space, "val/loss", "min", argv=_argv(tmp_path, "--steps-per-epoch", "10"))
+NAN_STUDY = """from ray import tune
+from studies.runner import run_study
+from trainables import OptimConfig, VAEConfig
+
+BASE = VAEConfig(dataset="mnist5k", image_size=28, epochs=2, steps_per_epoch=10, optim=OptimConfig("sgd", 1e-3))
+SPACE = {"optim": {"lr": tune.grid_search([1e-3, 1e12])}}
+if __name__ == "__main__":
+    run_study("nan_study", BASE, SPACE, "val/loss", "min")
+"""
+
+
+def test_survives_a_nan_trial_while_the_others_finish_and_exits_3_naming_it(tmp_path, study_env):
+    """A study a user's script runs: the good trial finishes, everything is written, and the exit status and
+    the last line say that a trial failed and where its error is."""
+    script = tmp_path / "nan_study.py"
+    script.write_text(NAN_STUDY)
+    done = run_in_process(str(script), _argv(tmp_path, "--steps-per-epoch", "10"), tmp_path, study_env)
+    assert done.returncode == TRIALS_FAILED == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    study = tmp_path / "results" / "nan_study"
+    table = pd.read_csv(study / "trials.csv")
     assert list(table["status"]) == ["OK", "ERROR"]  # sorted by the metric, the failed trial last
     failed = table.iloc[1]
     assert float(failed["config/optim/lr"]) == 1e12
     assert "loss became nan" in failed["error"] or "loss became inf" in failed["error"]
     assert "epoch 1, step" in failed["error"] and "1000000000000" in failed["error"]
-    csv = pd.read_csv(tmp_path / "results" / "nan_study" / "trials.csv")
-    assert list(csv["status"]) == ["OK", "ERROR"]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: 1 of 2 trial(s) failed; their errors are in {study}/trials.csv (column 'error') and in full in "
+        f"{study}/{failed['trial']}/error.txt")
+    assert (study / failed["trial"] / "error.txt").is_file()
+    record = json.loads((study / "study.json").read_text())
+    assert record["state"] == "finished" and record["invocations"][-1]["failed_trials"] == 1
     statuses = sorted(status for status, _ in _history(tmp_path, "nan_study").values())
     assert statuses == ["FAILED", "FINISHED"]
 

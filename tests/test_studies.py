@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST, LABEL_KEYS, ROOT, VAE_KEYS, fast_flags, run_in_process, study_command
-from studies.space import variants
+from studies.runner.space import variants
 
 # the report's variants per script (issue 5's table); keys are the fields a study varies
 EXPECTED = {
@@ -165,8 +165,8 @@ def test_a_study_whose_checkpoints_cannot_fit_fails_before_ray_starts(tmp_path, 
 def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(tmp_path):
     import shutil
 
-    from studies.preflight import KEEP_CHECKPOINTS, StorageError, check_disk
-    from studies.tracking import local_artifact_root
+    from studies.runner.preflight import KEEP_CHECKPOINTS, StorageError, check_disk
+    from studies.runner.tracking import local_artifact_root
 
     free = shutil.disk_usage(tmp_path).free
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -183,7 +183,7 @@ def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(t
 
 
 def test_study_files_are_written_to_uri_storage_as_to_local_folders(tmp_path):
-    from studies.runner import write_file
+    from studies.runner.record import write_file
 
     write_file((tmp_path / "remote" / "study" / "trials.csv").as_uri(), "a,b\n1,2\n")  # file:// as s3:// would
     write_file(str(tmp_path / "local" / "study.json"), "{}")

@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from studies.study_run import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, log_dataset_inputs, log_model_folder,
+from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, log_dataset_inputs, log_model_folder,
                                logged_model_id, register, submit_upload, wait_uploads)
 from trainables.export import MODEL_DIR
 from trainables.lineage import DATASETS_KEY

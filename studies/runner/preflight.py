@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from studies.autoscaling import (AUTOSCALER_CONFIG, PENDING_TIMEOUT_S, Autoscaler, from_bootstrap,  # noqa: F401
+from studies.runner.autoscaling import (AUTOSCALER_CONFIG, PENDING_TIMEOUT_S, Autoscaler, from_bootstrap,  # noqa: F401
                                  learn, shape)
-from studies.space import grid_size, variants
-from studies.tracking import local_artifact_root
+from studies.runner.space import grid_size, variants
+from studies.runner.tracking import local_artifact_root
 from trainables import TrainConfig
 from trainables.data import build_dataset
 from vision_models import build_model

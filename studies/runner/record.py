@@ -11,16 +11,19 @@ import argparse
 import datetime
 import fnmatch
 import json
+import logging
 import os
 import shlex
+import shutil
 import socket
 from pathlib import Path
 
-from studies.errors import UsageError
-from studies.space import describe
+from studies.runner.errors import StudyInterrupted, UsageError
+from studies.runner.space import describe
 from trainables import TrainConfig
 from trainables.tune_state import SNAPSHOT_GLOB, parse_snapshot
 
+log = logging.getLogger("vision_tune")
 # flags a resume applies (new value wins, recorded in the invocation), as (argparse dest, flag)
 APPLIED = (("mlflow_uri", "--mlflow-uri"), ("max_failures", "--max-failures"), ("cpus_per_trial", "--cpus-per-trial"),
            ("gpus_per_trial", "--gpus-per-trial"), ("address", "--address"))
@@ -92,6 +95,29 @@ def check_resume(recorded: dict | None, new: dict, study_dir: str) -> None:
         raise UsageError(f"--resume would change the study in {study_dir}: " + "; ".join(changed) +
                          f". Only {', '.join(f for _, f in APPLIED)} may change on resume; to run the new settings, "
                          f"start another study (--storage elsewhere) or --overwrite this one{hint}")
+
+
+def check_start(args: argparse.Namespace, recorded: dict | None, new: dict, study_dir: str, uri: str) -> str:
+    """Refuse to start over a study without --overwrite, or to resume one that the new flags would change;
+    returns the MLflow URI to log to (a resume keeps the study's own unless --mlflow-uri moves it)."""
+    if not args.resume:
+        if recorded is not None and not args.overwrite:
+            raise FileExistsError(f"--storage {args.storage}: {study_dir} already holds a study: pass --resume to "
+                                  "continue it, --overwrite to start over, or another --storage")
+        return uri
+    check_resume(recorded, new, study_dir)
+    if recorded.get("state") == "finished":
+        log.info("%s had finished: --resume reruns nothing and prints its table again", study_dir)
+    return uri if args.mlflow_uri else recorded.get("mlflow_uri") or uri
+
+
+def remove_failed_start(study_dir: str, fresh_local: bool, err: BaseException) -> bool:
+    """A start that failed before any trial reported leaves no folder that would block the corrected command;
+    returns whether it removed the folder."""
+    if fresh_local and not isinstance(err, StudyInterrupted) and not any(Path(study_dir).glob("*/result.json")):
+        shutil.rmtree(study_dir, ignore_errors=True)
+        return True
+    return False
 
 
 def updated(recorded: dict | None, new: dict, entry: dict) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from studies.autoscaling import PENDING_TIMEOUT_S
+from studies.runner.autoscaling import PENDING_TIMEOUT_S
 from trainables import ClassifyConfig, ConfigError, SegmentConfig, TrainConfig, VAEConfig
 
 # --quick: embedded data, small images, two epochs, so each study ends in minutes on a 2-core laptop.

@@ -16,7 +16,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Callable
 
-from studies.errors import UsageError
+from studies.runner.errors import UsageError
 
 CONNECT_TIMEOUT_S = 3.0
 STORAGE_TIMEOUT_S = 20.0  # an S3 URI resolves its bucket's region first: seconds, even when it fails

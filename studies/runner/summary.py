@@ -1,0 +1,83 @@
+"""The end of a study: its trials as one table (best first), what the console prints, and the report's claim
+judged on the trials."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from studies.runner.errors import exception_message
+from studies.runner.record import write_file
+from studies.runner.tracking import flatten
+from trainables import Finding
+from trainables.finding import judge
+from trainables.tune_state import outcome
+
+SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
+                "val/recon", "val/kl", "val/elbo", "epoch")
+
+
+def summarize(results, metric: str, mode: str, statuses: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per trial: the hyperparameters that vary, status, final metrics; best first. ``statuses`` (Tune's
+    snapshot, after an interruption) tells finished trials from the ones a stop cut short."""
+    rows = []
+    for result in results:
+        config = flatten(result.config or {})
+        folder = Path(result.path).name
+        epochs_run = int((result.metrics or {}).get("training_iteration") or 0)
+        status = outcome(None if statuses is None else statuses.get(folder, ""), bool(result.error), epochs_run)
+        row = {"trial": folder, "status": status,
+               **{f"config/{k}": v for k, v in config.items()},
+               **{k: (result.metrics or {}).get(k) for k in SUMMARY_KEYS}}
+        if result.error:
+            row["error"] = exception_message(str(result.error))[:2000]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    # finished trials first, by the metric: an interrupted trial's last epoch is not its result
+    keys = ["unfinished", *([metric] if metric in table else [])]
+    table = table.assign(unfinished=table["status"].ne("OK")).sort_values(
+        keys, ascending=[True, mode == "min"][:len(keys)], na_position="last", kind="stable")
+    table = table.drop(columns="unfinished")
+    return table.dropna(axis=1, how="all").reset_index(drop=True)
+
+
+def varied_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith("config/") and table[c].nunique(dropna=False) > 1]
+
+
+def failed_trials(table: pd.DataFrame) -> list[str]:
+    """The trial folders of the trials that ended in an error."""
+    return [] if table.empty else list(table.loc[table["status"] == "ERROR", "trial"])
+
+
+def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int,
+                  mlflow_lines: list[str]) -> None:
+    shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
+    unfinished = len(table[table["status"].isin(("INTERRUPTED", "NOT_STARTED"))]) + max(0, expected - len(table))
+    state = f", INCOMPLETE: {unfinished} of {max(expected, len(table))} unfinished" if unfinished else ""
+    print(f"\n=== {name}: {len(table)} trial(s){state}, sorted by {metric} ===")
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for _, failed in table[table["status"] == "ERROR"].iterrows():
+        print(f"ERROR {failed['trial']}: {failed.get('error', '')[:400]}")
+    if expected > len(table):  # Tune creates a grid's trials as slots free up: the rest were never created
+        print(f"({expected - len(table)} more trial(s) not created yet: the resume runs them)")
+    print(f"\ntable: {study_dir}/trials.csv")
+    best = table[table["status"] == "OK"]
+    if not best.empty:
+        print("best config" + (" among the finished trials so far" if state else "") + ":",
+              {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
+    for line in mlflow_lines:  # the UI command and the URL of the study's runs (model-training view)
+        print(line)
+    if not uri.startswith("sqlite:"):
+        print("           (the tracking server; see README, 'Run on a cluster', for port forwarding)")
+    print(f"report:    python -m analysis {study_dir} --mlflow-uri {uri}")
+
+
+def report_finding(finding: Finding, table: pd.DataFrame, study_dir: str) -> None:
+    """The report's claim judged on this study's trials: printed, and kept as finding.json for analysis."""
+    verdict = judge(finding, table)
+    write_file(f"{study_dir}/finding.json", json.dumps(verdict.to_dict(), indent=2, default=str))
+    print(f"\n{verdict.text()}\nfinding: {study_dir}/finding.json")

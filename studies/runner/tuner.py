@@ -1,0 +1,228 @@
+"""The driver's only Ray code: starting Ray, the Tuner (search algorithm, scheduler, callbacks), its restore,
+and what the cluster and its autoscaler offer. Trials' own Ray code is ``trainables/tune_io.py``.
+
+Tune pickles the callbacks, ``trial_dirname`` and the search algorithm by module path into each study's snapshot;
+``studies.runner`` re-exports them under their old names, so studies written before this module existed resume.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from studies.runner.autoscaling import Autoscaler
+from studies.runner.preflight import (KEEP_CHECKPOINTS, PendingClock, PendingTimeoutError, learn,
+                                      pending_timeout_message, trial_count)
+from studies.runner.space import is_grid, merge_space, sample_seed, seed_samples, variants
+from studies.runner.tracking import StudyTracker
+from trainables import TrainConfig, trainable_for
+from trainables.naming import flatten as flat_config
+from trainables.naming import varied_keys
+
+log = logging.getLogger("vision_tune")
+# num_to_keep forces an experiment snapshot every KEEP_CHECKPOINTS reports, and Tune warns of a bottleneck at
+# every study: measured at ~20 ms of the driver's loop per snapshot (benchmarks/tune_overhead.py), it is not one
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+class MLflowCallback(tune.Callback):
+    """Runs on the driver: one MLflow run per trial, nested in the study's (see ``tracking.py``); uploads of
+    final checkpoints and models run on the tracker's upload thread, off Tune's event loop."""
+
+    def __init__(self, tracker: StudyTracker) -> None:
+        self.tracker = tracker
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.tracker.start(trial.trial_id, str(trial), trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.tracker.start(trial.trial_id, str(trial), trial.config)  # no-op unless restored mid-trial
+        self.tracker.log_result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        checkpoint = trial.checkpoint.as_directory() if trial.checkpoint is not None else None
+        self.tracker.finish(trial.trial_id, "FINISHED", checkpoint=checkpoint)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else None
+        self.tracker.finish(trial.trial_id, "FAILED", error=error)
+
+
+class KeepResultsOnRetry(tune.Callback):
+    """No epoch lost when a trial is retried: Tune 2.60 restarts a failed trial by copying its result.json back
+    from storage, where the copy lags the driver's own by up to one experiment snapshot, so the epochs reported
+    since that snapshot would vanish from Tune's results. Push the driver's copy to storage first."""
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        from pyarrow import fs
+
+        local = Path(trial.local_path, "result.json")
+        if local.is_file():
+            fs.copy_files(str(local), f"{trial.storage.trial_fs_path}/result.json",
+                          destination_filesystem=trial.storage.storage_filesystem)
+
+
+class PendingTimeout(tune.Callback):
+    """Ends the study with the request and what the cluster offered when trials have waited --pending-timeout
+    seconds with none running: Tune itself waits forever for a node that no autoscaler delivers."""
+
+    def __init__(self, args) -> None:
+        self.clock, self.cpus, self.gpus = PendingClock(args.pending_timeout), args.cpus_per_trial, args.gpus_per_trial
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        pending = self.clock.expired([trial.status for trial in trials], now)
+        if pending:
+            raise PendingTimeoutError(pending_timeout_message(pending, self.cpus, self.gpus, self.clock.timeout,
+                                                              ray.nodes(), autoscaler()))
+        if self.clock.note_due(now):
+            scaler = autoscaler()
+            log.warning("no trial running for %.0f s, waiting for a node: %s", now - self.clock.since,
+                        scaler.describe() if scaler else "no autoscaler runs")
+
+
+class ApplyOnResume(tune.Callback):
+    """Trials restored from the snapshot keep the resources and retry budget they were created with, and so do
+    the ones the restored search algorithm creates later (its pickled spec holds the first run's max_failures;
+    their resources come from the re-registered trainable): give every unfinished trial the new --max-failures,
+    and the ones not placed yet the new --cpus-per-trial / --gpus-per-trial."""
+
+    def __init__(self, cpus: float, gpus: float, max_failures: int) -> None:
+        self.resources = {"CPU": cpus, "GPU": gpus}
+        self.max_failures = max_failures
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        wanted = {kind: amount for kind, amount in self.resources.items() if amount}
+        for trial in trials:
+            if trial.status in ("PENDING", "PAUSED", "RUNNING"):  # read only when a trial fails: safe to change
+                trial.max_failures = self.max_failures
+            if trial.status in ("PENDING", "PAUSED") and trial.placement_group_factory.required_resources != wanted:
+                trial.update_resources({"cpu": self.resources["CPU"], "gpu": self.resources["GPU"]})
+
+
+class SeededOptunaSearch(OptunaSearch):
+    """Optuna whose n-th proposed trial trains with ``sample_seed(base_seed, n)``: every trial its own seed,
+    the same sequence for the same command. The counter is pickled with the searcher's state (OptunaSearch
+    saves its ``__dict__``), so a resumed study continues the sequence instead of repeating it."""
+
+    def __init__(self, base_seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._base_seed, self._suggested = base_seed, 0
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):  # not None (wait) nor Searcher.FINISHED
+            config = {**config, "seed": sample_seed(self._base_seed, self._suggested)}
+            self._suggested += 1
+        return config
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folders: Tune's default spells out every sampled parameter and overflows paths."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+def to_choices(space: dict) -> dict:
+    """Optuna samples and cannot take Tune's grid: each grid becomes a choice over the same values."""
+    return {key: tune.choice(value["grid_search"]) if is_grid(value)
+            else to_choices(value) if isinstance(value, dict) else value for key, value in space.items()}
+
+
+def study_variants(base: TrainConfig, space: dict, search: str) -> tuple[list[dict], list[str] | None]:
+    """The study's variants as flat configs in Tune's trial order (its own grid generator), which letter the
+    runs as the analysis does; a sampled search has no variants up front, only the keys that vary."""
+    if search == "optuna":
+        return [], varied_keys(flat_config(v) for v in variants(base, space))
+    from ray.tune.search.variant_generator import generate_variants
+
+    return [flat_config(v) for _, v in generate_variants(merge_space(base.to_dict(), space))], None
+
+
+def autoscaler() -> Autoscaler | None:
+    """What Ray publishes about this cluster's autoscaler (see ``autoscaling.py``); Ray has no public API for
+    it, so these are the calls `ray status` and Ray Data make."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    groups = node_groups(state.get_cluster_config())  # autoscaler v2's node groups; None under the v1 monitor
+    return learn(_internal_kv_get(DEBUG_AUTOSCALING_STATUS), groups, now=time.time())
+
+
+def node_groups(config) -> dict | None:
+    """Ray's ``autoscaler_pb2.ClusterConfig`` as the plain dict ``autoscaling.py`` reads."""
+    if config is None:
+        return None
+    return {"node_group_configs": [{"name": group.name, "resources": dict(group.resources),
+                                    "max_count": group.max_count} for group in config.node_group_configs]}
+
+
+def start_ray(address: str | None) -> bool:
+    """Join or start Ray; returns whether this call started it (and so should stop it)."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+    return True
+
+
+def stop_ray() -> None:
+    ray.shutdown()
+
+
+def cluster_nodes() -> list[dict]:
+    """The cluster's nodes as ``ray.nodes()`` describes them (the pre-flight reads plain dicts)."""
+    return ray.nodes()
+
+
+def trainable(base: TrainConfig, args):
+    return tune.with_resources(trainable_for(base), {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+
+
+def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str, args, storage: str,
+               tracker: StudyTracker, default_samples: int | None) -> tune.Tuner:
+    """The study's Tuner: BASE + SPACE as Tune's param space, the search and scheduler the flags chose."""
+    param_space = merge_space(base.to_dict(), space)
+    search_alg, samples = None, (args.num_samples or 1)
+    if args.search == "optuna":
+        param_space = to_choices(param_space)
+        search_alg = SeededOptunaSearch(base.seed, seed=base.seed)
+        samples = trial_count(args, space, default_samples)
+    else:
+        param_space, samples = seed_samples(param_space, base.seed, samples)
+    scheduler = None
+    if args.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
+                                  reduction_factor=2)
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, verbose=1,
+        callbacks=[MLflowCallback(tracker), KeepResultsOnRetry(), PendingTimeout(args)],
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
+    # reuse_actors: a fresh worker per trial costs ~2 s of imports
+    tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
+                                  scheduler=scheduler, max_concurrent_trials=args.max_concurrent,
+                                  reuse_actors=True, trial_dirname_creator=trial_dirname)
+    return tune.Tuner(trainable(base, args), param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def can_restore(study_dir: str) -> bool:
+    return tune.Tuner.can_restore(study_dir)
+
+
+def restore_tuner(study_dir: str, base: TrainConfig, args, tracker: StudyTracker) -> tune.Tuner:
+    """The study's Tuner from its snapshot, with what a resume honours put into the restored run config: Tune
+    keeps the first run's callbacks and failure config in its pickled state, so the new MLflow URI, retries and
+    resources go in here (Tuner has no public setter; ``_local_tuner`` is where ``fit`` reads them)."""
+    tuner = tune.Tuner.restore(study_dir, trainable=trainable(base, args))
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks = [MLflowCallback(tracker) if isinstance(c, MLflowCallback) else c
+                            for c in run_config.callbacks or [] if not isinstance(c, ApplyOnResume)]
+    run_config.callbacks.append(ApplyOnResume(args.cpus_per_trial, args.gpus_per_trial, args.max_failures))
+    run_config.failure_config = tune.FailureConfig(max_failures=args.max_failures)
+    return tuner
