@@ -261,6 +261,9 @@ class StudyTracker:
                              f"runs:/{best_run}/{MODEL_DIR})")
             elif register_as:
                 lines.append(f"registered: nothing; the best trial {trial_id} logged no model")
+        if errors:  # the results are complete; say which MLflow records are not, rather than exit as if they were
+            lines.append(f"MLflow: {len(errors)} upload(s) of checkpoints or models failed (the first: "
+                         f"{str(errors[0]).strip().splitlines()[-1][:300]}); the study's run is marked FAILED")
         status = "KILLED" if interrupted else "FAILED" if errors or best is None else "FINISHED"
         self.client.set_terminated(parent, status=status)
         return lines
