@@ -1,28 +1,32 @@
 """``python -m analysis STUDY_DIR``: the report's table and figures for one study, in STUDY_DIR/report/.
 
     python -m analysis results/seg_optimizers                       # MLflow URI from study.json
+    python -m analysis s3://bucket/vt/seg_optimizers                # from the bucket, to ./report/seg_optimizers
     python -m analysis results/seg_optimizers --mlflow-uri sqlite:////abs/mlflow.db
     python -m analysis results/vae_latent --no-mlflow --tsne-perplexity 20
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from analysis.html import write_html, write_markdown
-from analysis.load import load_study
+from analysis.load import Study, load_study
 from analysis.progress import UNFINISHED, describe
 from analysis.publish import log_report
+from analysis.remote import is_uri, local_study
 from analysis.report import build_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study_dir", help="a study's folder, <storage>/<study name>/ (holds study.json)")
-    parser.add_argument("--out", help="output folder (default: STUDY_DIR/report)")
+    parser.add_argument("study_dir", help="a study's folder or URI, <storage>/<study name> (holds study.json)")
+    parser.add_argument("--out", help="output folder (default: STUDY_DIR/report; ./report/<study name> for a URI)")
     parser.add_argument("--mlflow-uri", help="where to log the report run (default: the study's, from study.json)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
     parser.add_argument("--tsne-perplexity", type=float, help="default: min(30, (n - 1) / 3) for n samples")
@@ -38,11 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     def progress(message: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 
-    try:
-        study = load_study(args.study_dir)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as stack:
+        try:
+            if is_uri(args.study_dir):
+                progress(f"copying {args.study_dir}'s records and last artifacts (not its checkpoints' weights)")
+            study = load_study(stack.enter_context(local_study(args.study_dir)))
+        except (OSError, ValueError) as err:  # OSError: an unreachable endpoint or a missing bucket too
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if is_uri(args.study_dir):
+            study.source = args.study_dir
+        return write_report(args, study, progress)
+
+
+def write_report(args: argparse.Namespace, study: Study, progress: Callable[[str], None]) -> int:
+    """Write the study's report and log it to MLflow; prints where it is."""
     ok = int(study.trials["status"].eq("OK").sum())
     progress(f"study {study.name} ({study.task}): {len(study.trials)} trial(s), {ok} OK, selected by "
              f"{study.metric} ({study.mode})")
@@ -51,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         progress(incomplete)
     if args.include_unfinished:
         study.rankable = ("OK", *UNFINISHED)
-    out = Path(args.out).resolve() if args.out else study.path / "report"
+    out = Path(args.out).resolve() if args.out else (
+        Path("report", study.name).resolve() if study.source else study.path / "report")
     report = build_report(study, out, args.tsne_perplexity, progress)
     if incomplete:
         report.notes.insert(0, incomplete)
@@ -62,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.mlflow_uri or study.mlflow_uri
     if not args.no_mlflow:
         if uri:
-            run_id, url = log_report(uri, study.name, out, str(study.path))
+            run_id, url = log_report(uri, study.name, out, study.location)
             progress(f"MLflow: report/ of the study's run {run_id} in experiment {study.name} at {uri}")
             progress(f"MLflow runs: {url}")
         else:

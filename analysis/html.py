@@ -45,7 +45,7 @@ def table_html(table: pd.DataFrame) -> str:
 def _header(report: Report) -> tuple[str, list[tuple[str, str]]]:
     study = report.study
     title = f"Study {study.name}"
-    facts = [("study folder", str(study.path)), ("task", study.task), ("selection", f"{study.metric} ({study.mode})"),
+    facts = [("study folder", study.location), ("task", study.task), ("selection", f"{study.metric} ({study.mode})"),
              ("trials", f"{len(report.table)} ({int(report.table['status'].eq('OK').sum())} OK)"),
              ("MLflow", study.mlflow_uri or "-"), ("built", datetime.now().isoformat(timespec="seconds"))]
     return title, facts

@@ -61,6 +61,12 @@ class Study:
     _cache: dict = field(default_factory=dict, repr=False)
     state: str = FINISHED  # or running, interrupted, failed, killed (analysis/progress.py)
     rankable: tuple = ("OK",)  # statuses ranked for "best"; --include-unfinished adds the unfinished ones
+    source: str | None = None  # the URI (s3://...) of a study read through a local copy at ``path``
+
+    @property
+    def location(self) -> str:
+        """Where the study lives: its URI, or its folder."""
+        return self.source or str(self.path)
 
     @property
     def complete(self) -> bool:

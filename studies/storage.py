@@ -33,9 +33,8 @@ def _client(session=None):
     return (session or boto3.session.Session()).client("s3", config=config)
 
 
-def _endpoint(client) -> str:
-    return client.meta.endpoint_url + ("" if "AWS_ENDPOINT_URL" in os.environ or "AWS_ENDPOINT_URL_S3" in os.environ
-                                       else " (AWS's; set AWS_ENDPOINT_URL for another S3 server)")
+def _custom_endpoint() -> bool:
+    return bool(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"))
 
 
 def check_storage(storage: str) -> None:
@@ -45,16 +44,15 @@ def check_storage(storage: str) -> None:
     """
     if not storage.startswith("s3://"):
         return
+    import boto3
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
     bucket, _ = split_s3(storage)
     if not bucket:
         raise StorageError(f"--storage {storage}: no bucket in the URI; write s3://BUCKET/PREFIX")
-    import boto3
-
     session = boto3.session.Session()
     client = _client(session)
-    endpoint = _endpoint(client)
+    endpoint = client.meta.endpoint_url
     missing = (f"--storage {storage}: no AWS credentials for bucket {bucket} at {endpoint}: set AWS_ACCESS_KEY_ID "
                "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) where the driver runs and on every node")
     if session.get_credentials() is None:  # boto3's own lookup: environment, profile, instance role
@@ -64,8 +62,10 @@ def check_storage(storage: str) -> None:
     except NoCredentialsError:
         raise StorageError(missing) from None
     except EndpointConnectionError:
-        raise StorageError(f"--storage {storage}: cannot reach the S3 endpoint {endpoint} (bucket {bucket}): start "
-                           "the server or point AWS_ENDPOINT_URL at one that is up") from None
+        advice = ("start the server or point AWS_ENDPOINT_URL at one that is up" if _custom_endpoint() else
+                  "check this machine's network, or set AWS_ENDPOINT_URL for another S3 server")
+        raise StorageError(f"--storage {storage}: cannot reach the S3 endpoint {endpoint} (bucket {bucket}): "
+                           f"{advice}") from None
     except ClientError as err:
         code = str(err.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket"):

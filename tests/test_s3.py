@@ -1,0 +1,192 @@
+"""Results in S3 and MLflow on PostgreSQL with S3 artifacts, against real servers this module starts on 127.0.0.1
+(``tests/servers.py``: moto's S3 server, PostgreSQL 15, ``mlflow server``); one of each for the whole module."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from analysis.remote import fetch_study
+from analysis.tables import short_id
+from conftest import ROOT, run_in_process, study_command
+from servers import free_port, mlflow_on_postgres, postgres, s3  # noqa: F401 (module-scoped fixtures)
+from studies.storage import StorageError, check_storage, remove_study
+
+# --quick and smaller still: vae_lr's 5 learning rates, one epoch of 2 batches each (~30 s on 2 cores)
+QUICK = ["--quick", "--epochs", "1", "--steps-per-epoch", "2", "--num-samples", "1"]
+STUDY_URI = "s3://studies/vt/vae_lr"
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch, tmp_path):
+    """This process pointed at the module's S3 server, and away from any ~/.aws of the machine's."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3
+
+
+def study_env(s3) -> dict[str, str]:
+    # a local Ray started by the driver passes the driver's environment, S3 settings included, to its trials
+    return {**os.environ, **s3.env, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+
+
+def run_study(args: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run(study_command("vae_lr", *QUICK, *args), env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def one_line_error(call) -> str:
+    start = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("--storage ")
+    assert time.monotonic() - start < 15, "the check must fail in seconds, not after long retries"
+    return message
+
+
+def test_check_storage_accepts_a_bucket_that_exists(s3_env):
+    s3_env.make_bucket("present")
+    check_storage("s3://present/vt")
+    check_storage("results")  # a local folder: the disk pre-flight's business
+
+
+def test_check_storage_names_a_missing_bucket(s3_env):
+    message = one_line_error(lambda: check_storage("s3://absent/vt"))
+    assert "bucket absent does not exist" in message and s3_env.endpoint in message
+
+
+def test_check_storage_names_an_unreachable_endpoint(s3_env, monkeypatch):
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    message = one_line_error(lambda: check_storage("s3://present/vt"))
+    assert "cannot reach the S3 endpoint" in message and closed in message and "AWS_ENDPOINT_URL" in message
+
+
+def test_check_storage_names_missing_credentials(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    message = one_line_error(lambda: check_storage("s3://present/vt"))
+    assert "no AWS credentials" in message and "present" in message and "AWS_ACCESS_KEY_ID" in message
+
+
+def test_remove_study_removes_its_prefix_only(s3_env, tmp_path):
+    bucket = s3_env.make_bucket("removal")
+    client = s3_env.client()
+    # more than one listing page (1,000 keys): a real study holds ~40 objects a trial
+    study = [f"vt/vae_lr/train_{i:04d}/result.json" for i in range(1005)] + ["vt/vae_lr/", "vt/vae_lr/study.json"]
+    kept = ["vt/vae_lr_old/study.json", "vt/other/study.json", "vt/vae_lr.txt"]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket, Key=key, Body=b"{}"), study + kept))
+    remove_study(f"s3://{bucket}/vt/vae_lr")
+    assert s3_env.keys(bucket) == sorted(kept)
+    with pytest.raises(StorageError, match="whole bucket"):
+        remove_study(f"s3://{bucket}")
+    (tmp_path / "local" / "t").mkdir(parents=True)
+    remove_study(str(tmp_path / "local"))
+    assert not (tmp_path / "local").exists()
+
+
+@pytest.fixture(scope="module")
+def study_on_s3(s3, tmp_path_factory) -> dict:
+    """``vae_lr --quick --storage s3://studies/vt`` (MLflow on sqlite), run once for the module."""
+    s3.make_bucket("studies")
+    base = tmp_path_factory.mktemp("s3_study")
+    start = time.monotonic()
+    proc = run_study(["--storage", "s3://studies/vt", "--mlflow-uri", f"sqlite:///{base / 'mlflow.db'}"],
+                     study_env(s3), base)
+    return {"proc": proc, "base": base, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_study_writes_its_results_and_checkpoints_to_the_bucket(s3, study_on_s3):
+    keys = s3.keys("studies", "vt/vae_lr/")
+    assert {"vt/vae_lr/study.json", "vt/vae_lr/trials.csv", "vt/vae_lr/finding.json"} <= set(keys)
+    trials = {key.split("/")[2] for key in keys if key.endswith("/result.json")}
+    assert len(trials) == 5
+    for trial in trials:
+        assert f"vt/vae_lr/{trial}/checkpoint_000000/state.pt" in keys
+        result = json.loads(s3.client().get_object(Bucket="studies", Key=f"vt/vae_lr/{trial}/result.json")["Body"]
+                            .read().decode().splitlines()[-1])
+        assert result["epoch"] == 1 and "val/loss" in result
+    assert not (study_on_s3["base"] / "results").exists()  # nothing landed in the default local folder
+
+
+@pytest.mark.slow
+def test_analysis_builds_the_report_from_the_bucket(s3, study_on_s3, tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "analysis", STUDY_URI, "--out", str(out)], env=study_env(s3),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"report: {out / 'index.html'}" in proc.stdout
+    page = (out / "index.html").read_text()
+    trials = {key.split("/")[2] for key in s3.keys("studies", "vt/vae_lr/") if key.endswith("/result.json")}
+    assert trials and all(f"<td>{short_id(trial)}</td>" in page for trial in trials)  # a row per trial
+    assert STUDY_URI in page  # the study named by its URI, not by the temporary copy it was read from
+    assert list(out.glob("*.png")), "no figure: the last checkpoints' artifacts were not read"
+
+
+@pytest.mark.slow
+def test_analysis_copies_records_and_last_artifacts_not_weights(s3_env, study_on_s3, tmp_path):
+    copy = fetch_study(STUDY_URI, tmp_path / "copy")
+    files = {path.relative_to(copy).as_posix() for path in copy.rglob("*") if path.is_file()}
+    assert {"study.json", "trials.csv", "finding.json"} <= files
+    trials = {name.split("/")[0] for name in files if name.endswith("/params.json")}
+    assert len(trials) == 5
+    for trial in trials:
+        assert {f"{trial}/result.json", f"{trial}/checkpoint_000000/artifacts/meta.json"} <= files
+    assert not [name for name in files if name.endswith((".pt", ".pth")) or "/model/" in name]
+
+
+@pytest.mark.slow
+def test_analysis_of_a_uri_writes_to_report_name_and_names_a_missing_study(s3_env, study_on_s3, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = run_in_process("-m analysis", [STUDY_URI, "--no-mlflow"], tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "report" / "vae_lr" / "index.html").is_file()
+    proc = run_in_process("-m analysis", ["s3://studies/vt/absent"], tmp_path, env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: s3://studies/vt/absent is not a study folder: study.json is missing "
+                                   "(expected <storage>/<study name> as written by 'python studies/NAME.py "
+                                   "--storage <storage>')")
+
+
+@pytest.mark.slow
+def test_mlflow_on_postgres_with_artifacts_in_s3(s3, postgres, mlflow_on_postgres, tmp_path):
+    s3.make_bucket("pg-studies")
+    run_study(["--storage", "s3://pg-studies/vt", "--mlflow-uri", mlflow_on_postgres.url,
+               "--register-model", "vae-lr-best"], study_env(s3), tmp_path)
+    # straight from PostgreSQL: the server stored there, not in a file of its own
+    (experiment,), = postgres.query("mlflow", "SELECT experiment_id FROM experiments WHERE name = 'vae_lr'")
+    runs = dict(postgres.query("mlflow", "SELECT run_uuid, status FROM runs WHERE experiment_id = %s", (experiment,)))
+    parents = dict(postgres.query(
+        "mlflow", "SELECT run_uuid, value FROM tags WHERE key = 'mlflow.parentRunId' AND run_uuid = ANY(%s)",
+        (list(runs),)))
+    (parent,) = set(runs) - set(parents)
+    assert len(parents) == 5 and set(parents.values()) == {parent}
+    assert set(runs.values()) == {"FINISHED"}
+    logged = dict(postgres.query("mlflow", "SELECT run_uuid, COUNT(*) FROM metrics WHERE key = 'val/loss' "
+                                 "AND run_uuid = ANY(%s) GROUP BY run_uuid", (list(parents),)))
+    assert set(logged) == set(parents)
+    assert postgres.query("mlflow", "SELECT name FROM registered_models") == [("vae-lr-best",)]
+    # artifacts went through the server (mlflow-artifacts:/...) into the bucket: every trial's files, every
+    # logged model (the registered one among them)
+    keys = set(s3.keys("mlflow-artifacts", "mlflow/"))
+    for run in parents:
+        assert any(key.startswith(f"mlflow/{experiment}/{run}/artifacts/") for key in keys), run
+    models = postgres.query("mlflow", "SELECT artifact_location FROM logged_models WHERE experiment_id = %s",
+                            (experiment,))
+    assert len(models) >= 1
+    for (location,) in models:
+        assert location.startswith("mlflow-artifacts:/")
+        assert f"mlflow/{location[len('mlflow-artifacts:/'):].strip('/')}/MLmodel" in keys
