@@ -6,19 +6,31 @@ STAMP  := $(VENV)/.installed
 STORAGE ?= $(CURDIR)/results
 MLFLOW_DB ?= $(CURDIR)/mlflow.db
 
-.PHONY: demo test install clean
+LOCK   := requirements.lock
+# the whole tested set (every extra) for the cluster images' Python and platform; `make lock` refreshes it
+LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --extra gpu -c constraints.txt \
+	--generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+
+.PHONY: demo test install lock clean
 # the UI opens MLflow 3's GenAI overview (traces, none here); this URL opens the study's runs table instead
-export RUNS_URL := import sys; from trainables.mlflow_store import open_client, runs_url; \
+export RUNS_URL := import sys; from analysis.mlflow_store import open_client, runs_url; \
 	print(runs_url(sys.argv[1], open_client(sys.argv[1]).get_experiment_by_name(sys.argv[2]).experiment_id))
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when the project's dependency files change.
-$(STAMP): $(PY) pyproject.toml constraints.txt
+# Reinstall only when the project's dependency files change: the locked set with its hashes, then the project
+# itself without dependencies (pip refuses editable installs in hash-checking mode).
+$(STAMP): $(PY) pyproject.toml constraints.txt $(LOCK)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Resolve pyproject.toml's ranges (and constraints.txt's pins) again, with hashes; then run make test.
+lock: $(PY)
+	test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet uv
+	$(LOCK_CMD) -o $(LOCK)
 
 install: $(STAMP)
 

@@ -16,8 +16,8 @@ import pandas as pd
 
 from analysis.progress import FINISHED, UNFINISHED, snapshot_statuses, study_state
 from trainables.config import CONFIGS
-from trainables.naming import flatten
-from trainables.tune_state import outcome
+from analysis.naming import flatten
+from analysis.tune_state import outcome
 
 ARTIFACT_ARRAYS = ("features", "samples", "feature_maps")
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
@@ -57,7 +57,7 @@ class Study:
     base: dict
     trials: pd.DataFrame
     curves: pd.DataFrame
-    finding: dict | None = None  # the report's claim the study tests (study.json), see trainables/finding.py
+    finding: dict | None = None  # the report's claim the study tests (study.json), see analysis/finding.py
     _cache: dict = field(default_factory=dict, repr=False)
     state: str = FINISHED  # or running, interrupted, failed, killed (analysis/progress.py)
     rankable: tuple = ("OK",)  # statuses ranked for "best"; --include-unfinished adds the unfinished ones
@@ -215,7 +215,7 @@ def load_artifacts(trial_dir: Path) -> Artifacts:
 
 
 def load_study(path: str | Path) -> Study:
-    """Read a study folder written by ``studies/runner.py``; fails with a message naming what is missing."""
+    """Read a study folder written by the runner (``studies/runner/``); fails with a message naming what is missing."""
     path = Path(path).expanduser().resolve()
     described = path / "study.json"
     if not described.is_file():

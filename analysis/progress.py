@@ -2,7 +2,7 @@
 
 study.json records the state of the last invocation (running, finished, interrupted, failed) and the
 driver's host and pid; a "running" study whose driver is gone was killed (SIGKILL, a lost node). While a
-study is not finished, Tune's own snapshot says which trials are done (``trainables/tune_state.py``).
+study is not finished, Tune's own snapshot says which trials are done (``analysis/ray_internals.py``).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import socket
 from pathlib import Path
 
-from trainables.tune_state import SNAPSHOT_GLOB, parse_snapshot
+from analysis.ray_internals import SNAPSHOT_GLOB, parse_snapshot
 
 FINISHED = "finished"
 UNFINISHED = ("INTERRUPTED", "NOT_STARTED", "RUNNING", "PENDING")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainables.mlflow_store import experiment_id, find_or_create_parent, open_client, runs_url
+from analysis.mlflow_store import experiment_id, find_or_create_parent, open_client, runs_url
 
 REPORT_TAG = "vision_tune.report"
 

@@ -11,7 +11,7 @@ import re
 import pandas as pd
 
 from analysis.load import Study
-from trainables.naming import VariantNames, fmt, letters  # noqa: F401  (letters: the report's names, re-exported)
+from analysis.naming import VariantNames, fmt, letters  # noqa: F401  (letters: the report's names, re-exported)
 
 METRICS = {
     "classification": ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou"),
@@ -40,7 +40,7 @@ def label_trials(trials: pd.DataFrame) -> pd.DataFrame:
     order = sorted(range(len(trials)), key=lambda i: trials["trial"].iloc[i])  # trial index = grid order
     configs = [{c[len("config/"):]: v for c, v in row.items() if c.startswith("config/")}
                for _, row in trials.iterrows()]
-    # the runner names MLflow runs with the same letters (trainables/naming.py), from Tune's grid order
+    # the runner names MLflow runs with the same letters (analysis/naming.py), from Tune's grid order
     names = VariantNames(configs[i] for i in order)
     varied = [f"config/{key}" for key in names.varied]
     trials["variant"] = [names.letter(config) for config in configs]

@@ -1,5 +1,5 @@
 """Answers with error bars: per variant mean ± std (n) over seeds, the difference of each to the best with a
-95% interval, and the report's finding judged on the study (the judgement itself is ``trainables.finding``)."""
+95% interval, and the report's finding judged on the study (the judgement itself is ``analysis.finding``)."""
 from __future__ import annotations
 
 import html
@@ -9,8 +9,8 @@ import pandas as pd
 
 from analysis.load import Study
 from analysis.tables import METRICS, RATES, label_trials
-from trainables.finding import Finding, Verdict, judge
-from trainables.stats import METHOD, welch_interval
+from analysis.finding import Finding, Verdict, judge
+from analysis.stats import METHOD, welch_interval
 
 
 def _ok(study: Study) -> pd.DataFrame:

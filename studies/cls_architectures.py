@@ -7,8 +7,9 @@ VGG16 and ResNet18 x learning rate 0.1 / 0.05, SGD momentum 0.9 (the report: Res
 """
 from ray import tune
 
+from analysis.finding import Finding
 from studies.runner import run_study
-from trainables import ClassifyConfig, Finding, OptimConfig
+from trainables import ClassifyConfig, OptimConfig
 
 BASE = ClassifyConfig(dataset="cifar10", epochs=30, optim=OptimConfig("sgd", 0.1, 0.9, 5e-4, "cosine"))
 SPACE = {

@@ -9,8 +9,9 @@ from scratch).
 """
 from ray import tune
 
+from analysis.finding import Finding
 from studies.runner import run_study
-from trainables import Finding, OptimConfig, SegmentConfig
+from trainables import OptimConfig, SegmentConfig
 
 BASE = SegmentConfig(model="unet_resnet50", dataset="voc", class_weights=0.1, optim=OptimConfig("sgd", 1e-4, 0.9),
                      epochs=582, steps_per_epoch=5, batch_size=32, pretrained=True)

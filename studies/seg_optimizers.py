@@ -10,8 +10,9 @@ from scratch).
 """
 from ray import tune
 
+from analysis.finding import Finding
 from studies.runner import run_study
-from trainables import Finding, SegmentConfig
+from trainables import SegmentConfig
 
 BASE = SegmentConfig(model="unet_resnet50", dataset="voc", class_weights=0.1, epochs=582, steps_per_epoch=5,
                      batch_size=32, pretrained=True)

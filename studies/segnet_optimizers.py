@@ -9,8 +9,9 @@ from scratch).
 """
 from ray import tune
 
+from analysis.finding import Finding
 from studies.runner import run_study
-from trainables import Finding, SegmentConfig
+from trainables import SegmentConfig
 
 BASE = SegmentConfig(model="segnet_vgg16", dataset="voc", class_weights=0.1, epochs=100, steps_per_epoch=0,
                      batch_size=16, pretrained=True)

@@ -7,8 +7,9 @@ Latent size 2 to 64 on MNIST, BCE + KL, Adam lr 5e-4; the report: bigger latents
 """
 from ray import tune
 
+from analysis.finding import Finding
 from studies.runner import run_study
-from trainables import Finding, VAEConfig
+from trainables import VAEConfig
 
 BASE = VAEConfig(dataset="mnist", loss="bce")
 SPACE = {"latent_dim": tune.grid_search([2, 4, 8, 16, 32, 64])}

@@ -7,8 +7,9 @@ Each plus the KL term; Adam lr 5e-4, latent size 16. With --quick or --dataset t
 """
 from ray import tune
 
+from analysis.finding import Finding
 from studies.runner import run_study
-from trainables import Finding, VAEConfig
+from trainables import VAEConfig
 
 BASE = VAEConfig(dataset="mnist", latent_dim=16)
 SPACE = {

@@ -7,8 +7,9 @@ Adam at 5e-3, 1e-3, 5e-4, 1e-4, 5e-5 on MNIST, BCE + KL, latent size 16.
 """
 from ray import tune
 
+from analysis.finding import Finding
 from studies.runner import run_study
-from trainables import Finding, VAEConfig
+from trainables import VAEConfig
 
 BASE = VAEConfig(dataset="mnist", loss="bce", latent_dim=16)
 SPACE = {"optim": {"lr": tune.grid_search([5e-3, 1e-3, 5e-4, 1e-4, 5e-5])}}

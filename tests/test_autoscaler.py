@@ -31,13 +31,13 @@ IDLE_MINUTES = 0.2  # workers idle this long are removed: seconds, not the defau
 # the live nodes, the head's id and whether the autoscaler has reported to GCS, once `until` holds or time runs out
 STATE_SCRIPT = """
 import json, sys, time, ray
-from ray.experimental.internal_kv import _internal_kv_get
+from analysis.ray_internals import autoscaling_status
 ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
 until, deadline = sys.argv[2], time.time() + float(sys.argv[3])
 while True:
     alive = [node for node in ray.nodes() if node["Alive"]]
     head = [node["NodeID"] for node in alive if "node:__internal_head__" in node["Resources"]]
-    status = json.loads(_internal_kv_get("__autoscaling_status") or "{}")
+    status = json.loads(autoscaling_status() or "{}")
     state = {"head": head, "alive": [node["NodeID"] for node in alive], "autoscaler": "autoscaler_report" in status}
     if (state["autoscaler"] if until == "autoscaler" else len(alive) == len(head)) or time.time() > deadline:
         break

@@ -8,8 +8,8 @@ import json
 import pytest
 from ray.core.generated import autoscaler_pb2
 
-from studies import autoscaling, preflight
-from studies.runner.tuner import node_groups
+from studies.runner import autoscaling, preflight
+from analysis.ray_internals import node_groups
 
 NOW = 1796109984.6
 # `__autoscaling_status` as the v1 monitor wrote it while a {"CPU": 3} task waited on a cluster of 1-CPU workers

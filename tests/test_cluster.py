@@ -25,7 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, study_command
-from studies import preflight
+from studies.runner import preflight
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the venv's `ray` and `mlflow`, matching the Ray the study imports
@@ -114,7 +114,7 @@ class Started:
 
     def start_node(self, name: str, args: list[str], timeout: float = 120) -> subprocess.Popen:
         """``ray start ARGS --block`` (and ports of its own), returned once its node is up. Ray gives a node 30 s
-        to register with the GCS (fixed in ``ray._private.node``), which a loaded 2-core machine can miss: such a
+        to register with the GCS (fixed in Ray's private node module), which a loaded 2-core machine can miss: such a
         start is retried once, with fresh ports; any other failure is the test's."""
         for attempt in (1, 2):
             label = name if attempt == 1 else f"{name}-retry"
@@ -296,9 +296,9 @@ def test_mlflow_over_http_has_every_run(cluster, study):
         assert "optim/lr" in run.data.params and run.data.params["model"] == "conv_vae"
         history = client.get_metric_history(run.info.run_id, "val/loss")
         assert [metric.step for metric in history] == list(range(1, EPOCHS + 1))
-        assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        assert "artifacts/meta.json" in {a.path for a in client.list_artifacts(run.info.run_id, "artifacts")}
     # artifacts went through the server into its own destination, not into a path the trials guessed
-    assert len(list((cluster["dir"] / "artifacts").rglob("state.pt"))) == TRIALS
+    assert len(list((cluster["dir"] / "artifacts").rglob("meta.json"))) == TRIALS
 
 
 def test_mlflow_server_holds_the_parent_named_trials_inputs_and_the_registered_model(cluster, study):

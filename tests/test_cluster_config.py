@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
+from analysis.ray_internals import validate_cluster_yaml
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
@@ -24,9 +24,7 @@ def raw() -> dict:
 @pytest.fixture(scope="module")
 def config(raw: dict) -> dict:
     """The config as `ray up` sees it: defaults merged, setup commands merged per node kind."""
-    prepared = prepare_config(copy.deepcopy(raw))
-    validate_config(prepared)
-    return prepared
+    return validate_cluster_yaml(copy.deepcopy(raw))
 
 
 def worker_types(config: dict) -> dict:
@@ -97,8 +95,9 @@ def test_code_is_mounted_and_installed_on_every_node(config):
     mounts = {remote: local for remote, local in config["file_mounts"].items() if local in (".", "./")}
     assert len(mounts) == 1, "the repository root must be mounted"
     remote = next(iter(mounts)).rstrip("/")
-    for kind in ("head_setup_commands", "worker_setup_commands"):
-        assert any(re.search(rf"pip install .*-e {re.escape(remote)}\b", cmd) for cmd in config[kind]), kind
+    for kind in ("head_setup_commands", "worker_setup_commands"):  # the locked set first, then the project
+        assert any(re.search(rf"pip install --require-hashes -r {re.escape(remote)}/requirements.lock && "
+                             rf"pip install --no-deps -e {re.escape(remote)}\b", cmd) for cmd in config[kind]), kind
     assert ".venv" in config["rsync_exclude"], "the local virtualenv must not be copied to the nodes"
 
 
@@ -126,4 +125,4 @@ def test_broken_copy_fails_validation(raw, break_it):
     broken = copy.deepcopy(raw)
     break_it(broken)
     with pytest.raises(jsonschema.ValidationError):
-        validate_config(prepare_config(broken))
+        validate_cluster_yaml(broken)

@@ -26,9 +26,10 @@ from analysis.report import build_report
 from analysis.variants import variant_table
 from conftest import study_command
 from studies.runner.space import merge_space, sample_seed, seed_samples
-from trainables import ClassifyConfig, Finding, SegmentConfig
-from trainables.finding import CONTRADICTED, NOT_SIGNIFICANT, SUPPORTED, UNTESTABLE, judge
-from trainables.stats import slope_interval, welch_interval
+from analysis.finding import Finding
+from trainables import ClassifyConfig, SegmentConfig
+from analysis.finding import CONTRADICTED, NOT_SIGNIFICANT, SUPPORTED, UNTESTABLE, judge
+from analysis.stats import slope_interval, welch_interval
 
 
 # ----------------------------------------------------------------------------- intervals

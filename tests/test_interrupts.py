@@ -28,7 +28,7 @@ TRIALS = 5  # vae_lr's learning rates
 
 def _snapshot(study: Path) -> dict[str, str]:
     """Trial folder -> status in Tune's newest experiment snapshot ({} while there is none or it is mid-write)."""
-    from trainables.tune_state import parse_snapshot
+    from analysis.ray_internals import parse_snapshot
 
     try:
         return parse_snapshot(sorted(study.glob("experiment_state-*.json"))[-1].read_text())

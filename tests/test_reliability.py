@@ -62,7 +62,7 @@ def test_survives_a_trial_worker_killed_mid_epoch(tmp_path, study_env, data_root
     in Tune's results and in one MLflow run."""
     study = tmp_path / "results" / "vae_losses"
     args = _argv(tmp_path, "--epochs", "3", "--steps-per-epoch", "40", "--max-failures", "1", "--max-concurrent", "1",
-                 "--data-root", str(data_root))
+                 "--data-root", str(data_root), "--checkpoint-every", "1")
     driver = subprocess.Popen(study_command("vae_losses", *args), cwd=tmp_path, env=study_env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -6,6 +6,7 @@ import importlib
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -91,8 +92,8 @@ def assert_complete(storage, client, runs, script: str, trials: int) -> None:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
         if script != "seg_search":  # ASHA may stop a trial after its first epoch
             assert steps == [1, 2]
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
-        assert "checkpoint/state.pt" in artifacts
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "artifacts")}
+        assert "artifacts/meta.json" in artifacts
 
 
 # vae_latent's end-to-end run is the resume test's (its driver killed, then resumed to the end)
@@ -102,6 +103,11 @@ def test_study_runs_end_to_end_with_quick(script, quick_run):
     done = run["proc"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_complete(run["dir"], *mlflow_runs(run["base"], script), script, TRIALS[script])
+
+
+def _final_meta(trial: Path) -> Path:
+    """The artifacts' meta.json of a finished trial's last checkpoint."""
+    return sorted(trial.glob("checkpoint_*"))[-1] / "artifacts" / "meta.json"
 
 
 def recorded_finished(storage) -> list[str]:
@@ -130,15 +136,14 @@ def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
     driver.wait()
     # finished = what Tune's experiment snapshot records as TERMINATED; a trial that ended after the last
     # snapshot is redone from its last recorded checkpoint (its results are the same, none is lost)
-    finished = {name: (storage / name / "checkpoint_000001" / "artifacts" / "meta.json").stat().st_mtime
-                for name in recorded_finished(storage)}
+    finished = {name: _final_meta(storage / name).stat().st_mtime for name in recorded_finished(storage)}
     assert 2 <= len(finished) < 6, "the study must be interrupted with trials finished and trials to go"
     time.sleep(2)
     done = subprocess.run(study_command("vae_latent", *args, "--resume"), cwd=tmp_path, env=study_env,
                           capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for trial, mtime in finished.items():  # finished trials were not run again
-        assert (storage / trial / "checkpoint_000001" / "artifacts" / "meta.json").stat().st_mtime == mtime
+        assert _final_meta(storage / trial).stat().st_mtime == mtime
     for results in storage.glob("*/result.json"):  # no epoch lost from Tune's results
         epochs = [json.loads(line)["epoch"] for line in results.read_text().splitlines()]
         assert sorted(set(epochs)) == [1, 2], (results.parent.name, epochs)
@@ -155,31 +160,35 @@ def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env
 
 
 def test_a_study_whose_checkpoints_cannot_fit_fails_before_ray_starts(tmp_path, study_env):
-    # 3 optimizers x 10^5 samples x 2 kept checkpoints of SegNet (up to 338 MiB with Adam): no disk holds it
+    # 3 optimizers x 10^5 samples x 2 kept checkpoints of SegNet (up to 338 MiB each with Adam): no disk holds it
     done = run_script("segnet_optimizers", tmp_path, study_env, "--num-samples", "100000")
     assert done.returncode != 0
-    assert "not enough disk" in done.stderr and "--storage" in done.stderr and "338 MiB" in done.stderr
+    assert "not enough disk" in done.stderr and "--storage" in done.stderr and "676 MiB" in done.stderr
     assert not (tmp_path / "results" / "segnet_optimizers").exists()
 
 
 def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(tmp_path):
     import shutil
 
-    from studies.runner.preflight import KEEP_CHECKPOINTS, StorageError, check_disk
+    from studies.runner.preflight import KEEP_CHECKPOINTS, StorageError, check_disk, study_bytes
     from studies.runner.tracking import local_artifact_root
 
     free = shutil.disk_usage(tmp_path).free
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     state = int(free / (KEEP_CHECKPOINTS + 0.5))  # the kept checkpoints fit (0.8x free), with MLflow's not (1.2x)
-    check_disk(state, 1, "s3://bucket/results", uri)  # MLflow's copies alone fit
-    check_disk(state, 1, str(tmp_path / "results"), "http://127.0.0.1:5000")  # Tune's checkpoints alone fit
+    results, models = study_bytes(state, state, 1, 10, "auto", "best")
+    assert (results, models) == (KEEP_CHECKPOINTS * state, state)
+    assert study_bytes(state, state // 3, 4, 10, "10", "all") == (4 * (state // 3), 4 * (state // 3))  # final only
+    assert study_bytes(state, state // 3, 4, 10, "2", "none") == (4 * KEEP_CHECKPOINTS * state, 0)
+    check_disk(results, models, 1, "s3://bucket/results", uri)  # MLflow's copies alone fit
+    check_disk(results, models, 1, str(tmp_path / "results"), "http://127.0.0.1:5000")  # Tune's alone fit
     with pytest.raises(StorageError, match=r"--storage .*results.* \+ --mlflow-uri's artifacts .*mlartifacts"):
-        check_disk(state, 1, str(tmp_path / "results"), uri)  # both on one disk do not
-    check_disk(10 * free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
+        check_disk(results, models, 1, str(tmp_path / "results"), uri)  # both on one disk do not
+    check_disk(10 * free, 10 * free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
     assert local_artifact_root(uri) == tmp_path / "mlartifacts"
     assert local_artifact_root((tmp_path / "mlruns").as_uri()) == local_artifact_root(str(tmp_path / "mlruns"))
     assert local_artifact_root("databricks") is None
-    check_disk(free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
+    check_disk(free, free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
 
 
 def test_study_files_are_written_to_uri_storage_as_to_local_folders(tmp_path):

@@ -21,9 +21,9 @@ from analysis.tables import label_trials
 from conftest import run_in_process, study_command
 from studies.runner.tuner import study_variants
 from studies.runner.tracking import check_reachable
-from trainables.mlflow_store import (PARENT_TAG, BrokenStoreError, experiment_id, find_or_create_parent, open_client,
+from analysis.mlflow_store import (PARENT_TAG, BrokenStoreError, experiment_id, find_or_create_parent, open_client,
                                      repair_leftovers, runs_url, store_lock)
-from trainables.naming import VariantNames
+from analysis.naming import VariantNames
 
 STUDY, MODEL_NAME = "vae_lr", "vae-lr-best"
 
@@ -117,7 +117,7 @@ def test_an_empty_store_left_by_the_race_is_recreated(tmp_path):
     with store_lock(path):
         repair_leftovers(path)
     assert not path.exists()  # nothing lost; the next open creates it whole (a new process: MLflow caches stores)
-    done = subprocess.run([sys.executable, "-c", "import sys; from trainables.mlflow_store import open_client; "
+    done = subprocess.run([sys.executable, "-c", "import sys; from analysis.mlflow_store import open_client; "
                            "print(len(open_client(sys.argv[1]).search_experiments()))", f"sqlite:///{path}"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split()[-1] == "1", done.stderr[-2000:]
@@ -247,11 +247,12 @@ def test_the_final_model_loads_on_cpu_predicts_and_is_registered(sqlite_study):
     assert recon.shape == (3, 1, 28, 28) and bool(((recon >= 0) & (recon <= 1)).all())
     assert json.loads(info.signature.to_dict()["inputs"])[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
     assert np.asarray(mlflow.models.Model.load(local).load_input_example(local)).shape == (1, 1, 28, 28)
-    for run in trials:  # every finished trial has one, beside its checkpoint as before
-        assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    for run in trials:  # every finished trial's artifacts; the model, built from its weights, the best trial's only
+        assert "artifacts/meta.json" in {a.path for a in client.list_artifacts(run.info.run_id, "artifacts")}
+        assert not client.list_artifacts(run.info.run_id, "checkpoint")  # the weights stay in Tune's checkpoints
         assert [m.name for m in client.search_logged_models([run.info.experiment_id],
                                                             filter_string=f"source_run_id = '{run.info.run_id}'")] \
-            == ["model"]
+            == (["model"] if run.info.run_id == best_run else [])
     versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", best_run)]  # not registered again on --resume
     assert f"registered: model '{MODEL_NAME}' version 1" in sqlite_study["out"]
@@ -315,24 +316,36 @@ def test_system_figures_report_this_processs_peak_memory():
     assert after - before > 250 and block.sum() > 0
 
 
-def test_exported_model_pins_the_running_versions_and_loads_at_any_batch_size(tmp_path):
-    """The trial's model folder: pins read from the running modules (MLflow's own check of them, seconds per
-    worker process, is skipped and put back), and a VAE served as one tensor that loads from the folder."""
+def test_the_driver_builds_the_model_from_a_trials_final_checkpoint(tmp_path):
+    """A finished trial's checkpoint (weights only, and one input) becomes an MLflow model folder on the driver:
+    pins read from the running modules (MLflow's own check of them, seconds per process, is skipped and put
+    back), the trial's weights (same outputs), a VAE served as one tensor, any batch size."""
     import mlflow
     import mlflow.pytorch
     import torchvision
     from mlflow.utils import environment
 
-    from trainables.export import export_model
+    from studies.runner.export import export_checkpoint, exportable
+    from trainables import VAEConfig
+    from trainables.checkpoints import EXAMPLE_FILE, save_state
     from vision_models import build_model
+    from vision_models.vae import Reconstruction
 
+    config = VAEConfig(dataset="mnist5k", image_size=28, latent_dim=2)
+    torch.manual_seed(3)
+    model = build_model("conv_vae", **config.model_kwargs()).eval()
+    (tmp_path / "checkpoint").mkdir()
+    save_state(tmp_path / "checkpoint", model, None, None, epoch=4, final=True)
+    assert not exportable(tmp_path / "checkpoint")  # no example input yet
+    example = torch.rand(1, 1, 28, 28)
+    torch.save(example, tmp_path / "checkpoint" / EXAMPLE_FILE)
     check = environment.warn_dependency_requirement_mismatches
-    model, example = build_model("conv_vae", in_channels=1, image_size=28, latent_dim=2).eval(), torch.rand(1, 1, 28, 28)
-    folder = export_model(model, example, tmp_path / "model")
+    folder = export_checkpoint("generation", config.to_dict(), tmp_path / "checkpoint", tmp_path / "model")
     assert environment.warn_dependency_requirement_mismatches is check
     pins = set((folder / "requirements.txt").read_text().split())
     assert {f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
             f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"} <= pins, pins
     loaded = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+    images = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
-        assert loaded(torch.rand(3, 1, 28, 28)).shape == (3, 1, 28, 28)  # any batch size, not the example's 1
+        assert torch.allclose(loaded(images), Reconstruction(model)(images))  # the trial's weights, batch of 3

@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import LABEL_KEYS, VAE_KEYS
-from trainables import ClassifyConfig, SegmentConfig, VAEConfig
-from trainables import classify, segment, vae
+from conftest import LABEL_KEYS, ROOT, VAE_KEYS
+from trainables import ClassifyConfig, SegmentConfig, VAEConfig, classify, segment, vae
+from trainables.checkpoints import CheckpointPolicy, load_state, model_bytes, save_state
 from trainables.data import build_dataset, class_frequencies
 from trainables.loop import CudaUnavailableError, Hardware, NonFiniteLossError, cuda_problem
 from trainables.losses import class_weight_vector, segmentation_loss, vae_loss
-from trainables.tune_io import LocalSession, run_trial, state_bytes
+from trainables.tune_io import LocalSession, run_trial
 
 
 
@@ -44,8 +47,10 @@ def test_direct_run_reports_every_key_and_writes_artifacts(task_name, data_root,
     for result in results:
         assert expected <= set(result), expected - set(result)
         assert all(math.isfinite(result[k]) for k in expected)
-    state = (tmp_path / "checkpoint_000002" / "state.pt").stat().st_size
-    assert abs(state_bytes(config) - state) < 0.02 * state + 2**16  # the disk check's estimate of this file
+    assert not (tmp_path / "checkpoint_000001").exists()  # auto: an epoch of seconds is not worth a checkpoint
+    state = (tmp_path / "checkpoint_000002" / "state.pt").stat().st_size  # the last: the weights only
+    assert abs(model_bytes(config)[0] - state) < 0.02 * state + 2**16  # the disk check's estimate of this file
+    assert (tmp_path / "checkpoint_000002" / "example.pt").is_file()
     artifacts = tmp_path / "checkpoint_000002" / "artifacts"
     features = dict(__import__("numpy").load(artifacts / "features.npz"))
     assert features["labels"].shape == (config.feature_samples,)
@@ -69,7 +74,7 @@ def test_direct_run_reports_every_key_and_writes_artifacts(task_name, data_root,
 def test_a_full_disk_while_checkpointing_is_named(tmp_path):
     from torch import nn
 
-    from trainables.tune_io import STATE_FILE, save_state
+    from trainables.checkpoints import STATE_FILE, save_state
 
     model = nn.Linear(512, 512)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -91,18 +96,73 @@ class _StopAfter(LocalSession):
             raise KeyboardInterrupt("stopped after epoch %d" % self.stop)
 
 
-@pytest.mark.parametrize("task_name", ["generation", "segmentation"])
-def test_resume_from_checkpoint_is_exact(task_name, data_root, tmp_path):
+@pytest.mark.parametrize("task_name,every,stop", [("generation", "1", 1), ("segmentation", "1", 1),
+                                                   ("generation", "2", 3)])
+def test_resume_from_checkpoint_is_exact(task_name, every, stop, data_root, tmp_path):
+    """Killed after epoch ``stop``, a trial resumes from its newest checkpoint (every ``every`` epochs) and ends
+    where an undisturbed one does; it loses only the epochs since that checkpoint."""
     config, task = small_configs(data_root)[task_name]
-    config = config.__class__(**{**config.__dict__, "epochs": 3})
+    config = config.__class__(**{**config.__dict__, "epochs": 4 if every == "2" else 3, "checkpoint_every": every})
     whole = run_trial(config.to_dict(), task, LocalSession(tmp_path / "whole", cpus=2))
     with pytest.raises(KeyboardInterrupt):
-        run_trial(config.to_dict(), task, _StopAfter(tmp_path / "cut", stop=1))
-    resumed = run_trial(config.to_dict(), task, LocalSession(tmp_path / "resumed", cpus=2,
-                                                           resume_from=tmp_path / "cut" / "checkpoint_000001"))
-    assert resumed["epoch"] == whole["epoch"] == 3
+        run_trial(config.to_dict(), task, _StopAfter(tmp_path / "cut", stop=stop))
+    saved = sorted((tmp_path / "cut").glob("checkpoint_*"))
+    assert [p.name for p in saved] == [f"checkpoint_{e:06d}" for e in range(int(every), stop + 1, int(every))]
+    reports = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
+    assert [r["checkpoint_epoch"] for r in reports] == [e - e % int(every) for e in range(1, stop + 1)]
+    resumed = run_trial(config.to_dict(), task, LocalSession(tmp_path / "resumed", cpus=2, resume_from=saved[-1]))
+    again = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "results.jsonl").read_text().splitlines()]
+    assert again == list(range(int(saved[-1].name[-6:]) + 1, config.epochs + 1))  # only the work since the checkpoint
+    assert resumed["epoch"] == whole["epoch"] == config.epochs
     for key in ("train/loss", "val/loss"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+
+
+def test_checkpoint_policy_by_epochs_seconds_and_measured_cost():
+    by_epochs, by_seconds = CheckpointPolicy.parse("3"), CheckpointPolicy.parse("90s")
+    assert [by_epochs.due(e, 0, 10, 0.0) for e in (1, 2, 3)] == [False, False, True]
+    assert by_epochs.due(5, 3, 5, 0.0)  # the last epoch always
+    assert not by_seconds.due(1, 0, 10, 89.0) and by_seconds.due(1, 0, 10, 90.0)
+    auto = CheckpointPolicy.parse("auto", state_bytes=10**9)  # 1 GB: 10 s at the assumed 100 MB/s before measuring
+    assert auto.interval_s() == pytest.approx(190.0) and not auto.due(1, 0, 10, 189.0)
+    auto.saved(0.5)  # measured: half a second, write and upload
+    assert auto.interval_s() == 60.0  # the floor: not more often than once a minute
+    auto.saved(20.0)
+    assert auto.interval_s() == pytest.approx(380.0)  # 19 x 20 s: checkpoints take 5% of the time
+    for bad in ("0", "-1", "1.5", "every", "10m"):
+        with pytest.raises(ValueError, match="valid: 'auto'"):
+            CheckpointPolicy.parse(bad)
+
+
+def test_a_restored_optimizer_takes_the_new_learning_rate_and_keeps_its_moments(tmp_path):
+    """PBT and resumes change the learning rate: the restored optimizer runs at the new one (its schedule too)."""
+    from torch import nn
+
+    from trainables import OptimConfig
+    from trainables.optim import build_optimizer, build_scheduler
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    for schedule in ("none", "step"):
+        old = OptimConfig("adam", lr=1e-3, schedule=schedule, step_size=1, gamma=0.5)
+        optimizer, scheduler = build_optimizer(model.parameters(), old), None
+        scheduler = build_scheduler(optimizer, old, 5)
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        save_state(tmp_path, model, optimizer, scheduler, epoch=1)
+        new = OptimConfig("adam", lr=4e-3, schedule=schedule, step_size=1, gamma=0.5)
+        restored = build_optimizer(model.parameters(), new)
+        restored_scheduler = build_scheduler(restored, new, 5)
+        assert load_state(tmp_path, model, restored, restored_scheduler) == 1
+        expected = 4e-3 * (0.5 if schedule == "step" else 1)  # the schedule's value at epoch 1, on the new base
+        assert restored.param_groups[0]["lr"] == pytest.approx(expected), schedule
+        moments = restored.state_dict()["state"][0]["exp_avg"]
+        assert torch.equal(moments, optimizer.state_dict()["state"][0]["exp_avg"])
+        if restored_scheduler is not None:
+            restored_scheduler.step()
+            assert restored.param_groups[0]["lr"] == pytest.approx(expected * 0.5)
 
 
 def test_inverse_frequency_weights_come_from_the_training_masks(data_root):
@@ -222,3 +282,17 @@ def test_image_grid_is_torchvisions_pixel_for_pixel(tmp_path):
     save_image(make_grid(tiles, nrow=5, padding=2, pad_value=1.0), str(tmp_path / "theirs.png"))
     ours, theirs = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("ours", "theirs"))
     assert ours.shape == theirs.shape == (2 * 9 + 2, 5 * 11 + 2, 3) and (ours == theirs).all()
+
+
+def test_a_trial_process_imports_no_driver_code(data_root):
+    """A trial trains with torch and its data only: no pandas, scipy, MLflow, scikit-learn or matplotlib, and none
+    of the runner's or the analysis' modules (STYLE.md: studies -> analysis -> trainables)."""
+    code = ("import sys; from trainables import VAEConfig, run_trial; from trainables.vae import TASK; "
+            "from trainables.tune_io import LocalSession; "
+            f"config = VAEConfig(dataset='mnist5k', image_size=28, epochs=1, steps_per_epoch=1, data_root={str(data_root)!r}); "
+            f"run_trial(config.to_dict(), TASK, LocalSession({str(data_root / 'footprint')!r})); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'pandas', 'scipy', 'mlflow', 'analysis', 'studies', "
+            "'sklearn', 'matplotlib'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr[-2000:]

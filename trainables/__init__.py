@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from trainables.config import CONFIGS, ClassifyConfig, ConfigError, OptimConfig, SegmentConfig, TrainConfig, VAEConfig
-from trainables.finding import Finding
 from trainables.tune_io import run_trial
 
 
@@ -35,5 +34,5 @@ def trainable_for(config: TrainConfig):
     return TRAINABLES[type(config)]
 
 
-__all__ = ["CONFIGS", "ClassifyConfig", "ConfigError", "Finding", "OptimConfig", "SegmentConfig", "TrainConfig", "VAEConfig",
+__all__ = ["CONFIGS", "ClassifyConfig", "ConfigError", "OptimConfig", "SegmentConfig", "TrainConfig", "VAEConfig",
            "TRAINABLES", "run_trial", "trainable_for", "train_classifier", "train_segmenter", "train_vae"]

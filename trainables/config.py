@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from trainables.checkpoints import SPEC as CHECKPOINT_SPEC
+from trainables.checkpoints import VALID_SPECS as VALID_CHECKPOINT_SPECS
 from trainables.data import DATASETS, dataset_info
 from vision_models import MODELS, check_image_size
 
@@ -80,6 +82,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, used on CUDA only
     feature_samples: int = 192  # val images whose features are saved for t-SNE/PCA, as the report
     val_samples: int = 0  # 0 = evaluate on the whole val split; else on a fixed subset (quick runs)
+    checkpoint_every: str = "auto"  # epochs ("5"), seconds of training ("600s") or auto (trainables/checkpoints.py)
 
     TASK: ClassVar[str] = ""
     MODELS: ClassVar[tuple] = ()
@@ -99,6 +102,8 @@ class TrainConfig:
         for name in ("steps_per_epoch", "seed", "val_samples"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0; got {value!r}")
+        _require(isinstance(self.checkpoint_every, str) and bool(CHECKPOINT_SPEC.match(self.checkpoint_every)),
+                 "checkpoint_every", f"got {self.checkpoint_every!r}; valid: {VALID_CHECKPOINT_SPECS}")
         try:
             check_image_size(self.model, self.image_size, **self.model_kwargs())
         except ValueError as err:

@@ -5,18 +5,19 @@ directly (tests, notebooks) it writes the same checkpoints into a local folder i
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainables.export import MODEL_DIR, export_model
+from trainables.checkpoints import (ARTIFACTS, EXAMPLE_FILE, CheckpointPolicy, load_state, save_state,
+                                    state_bytes)
 from trainables.lineage import DATASETS_KEY, dataset_inputs
 from trainables.loop import Hardware, fit
 from trainables.memory import apply_cap, out_of_memory
@@ -25,8 +26,7 @@ from trainables.system import SystemMonitor
 from trainables.task import Task, make_loaders
 
 log = logging.getLogger(__name__)
-STATE_FILE = "state.pt"
-ARTIFACTS = "artifacts"
+CHECKPOINT_KEY = "checkpoint_epoch"  # reported every epoch: the epoch of the trial's newest checkpoint
 
 
 class TuneSession:
@@ -48,8 +48,8 @@ class TuneSession:
         checkpoint = self._tune.get_checkpoint()
         return checkpoint.as_directory() if checkpoint else None
 
-    def report(self, metrics: dict, folder: Path) -> None:
-        checkpoint = self._tune.Checkpoint.from_directory(str(folder))
+    def report(self, metrics: dict, folder: Path | None) -> None:
+        checkpoint = self._tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
         self._tune.report({**metrics, "node_id": self.node_id}, checkpoint=checkpoint)
 
 
@@ -68,8 +68,9 @@ class LocalSession:
     def restore_dir(self):
         return _PathContext(self.resume_from) if self.resume_from else None
 
-    def report(self, metrics: dict, folder: Path) -> None:
-        shutil.copytree(folder, self.out_dir / f"checkpoint_{int(metrics['epoch']):06d}", dirs_exist_ok=True)
+    def report(self, metrics: dict, folder: Path | None) -> None:
+        if folder is not None:
+            shutil.copytree(folder, self.out_dir / f"checkpoint_{int(metrics['epoch']):06d}", dirs_exist_ok=True)
         with open(self.out_dir / "results.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
@@ -86,12 +87,14 @@ class _PathContext:
 
 
 def in_tune_trial() -> bool:
-    """True inside a Tune trial (where ``tune.report`` works)."""
-    try:
-        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-    except ImportError:
-        return False
-    return bool(_in_tune_session())
+    """True inside a Tune trial (where ``tune.report`` works): Tune's context names a trial only there."""
+    import warnings
+
+    from ray import tune
+
+    with warnings.catch_warnings():  # outside a trial Ray warns that the call is meant for trials, then says None
+        warnings.simplefilter("ignore")
+        return tune.get_context().get_trial_id() is not None
 
 
 def seed_everything(seed: int) -> None:
@@ -100,69 +103,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    # numpy's state as a tensor so that torch.load(weights_only=True) can read it back
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
-def state_bytes(config) -> int:
-    """About what ``save_state`` writes for ``config``, without building anything real: the model on the
-    meta device (no memory, well under a second) gives the weights and buffers; SGD with momentum keeps one
-    more copy of the weights, Adam two. The disk check before a study multiplies this."""
-    from vision_models import build_model
-
-    kwargs = config.model_kwargs()
-    if kwargs.get("pretrained"):
-        kwargs["pretrained"] = False  # the same shapes; nothing to read on the meta device
-    with torch.device("meta"):
-        model = build_model(config.model, **kwargs)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    slots = 2 if config.optim.name == "adam" else int(config.optim.momentum > 0)
-    return (1 + slots) * weights + buffers
-
-
-def save_state(folder: Path, model, optimizer, scheduler, epoch: int) -> None:
-    """Write the checkpoint's state file; a full disk is named as such (given a path, torch.save reports it
-    as "enforce fail at inline_container.cc ... unexpected pos"; given a file, the OS error comes through)."""
-    path = Path(folder) / STATE_FILE
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": _rng_state()}
-    try:
-        with open(path, "wb") as file:
-            torch.save(state, file)
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        free = shutil.disk_usage(path.parent).free
-        raise OSError(errno.ENOSPC, f"no space left on device writing the checkpoint {path} ({free / 2**20:.0f} MiB "
-                      f"free there). Trials stage checkpoints in the temporary folder ({tempfile.gettempdir()}) "
-                      "before Tune copies them to --storage: free space there, or set TMPDIR to a larger disk"
-                      ) from None
-
-
-def load_state(folder: str | Path, model, optimizer, scheduler) -> int:
-    """Load a checkpoint into the objects; returns the epoch it was taken after."""
-    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return int(state["epoch"])
-
-
 def run_trial(config_dict: dict, task: Task, session=None) -> dict:
-    """Seed, build, restore, train with one report (and checkpoint) per epoch; returns the last metrics."""
+    """Seed, build, restore, train with one report per epoch and a checkpoint when the policy says (always
+    after the last epoch); returns the last metrics."""
     config = task.config_cls.from_dict(config_dict)  # nothing reads the raw dict after this line
     if session is None:
         session = TuneSession() if in_tune_trial() else LocalSession(tempfile.mkdtemp(prefix="vision-tune-"))
@@ -186,23 +129,33 @@ def run_trial(config_dict: dict, task: Task, session=None) -> dict:
 
     datasets = dataset_inputs(config, built.train_set, built.val_set)
     monitor = SystemMonitor(hw.device)
+    policy = CheckpointPolicy.parse(config.checkpoint_every, state_bytes(config))
+    last = {"epoch": start_epoch - 1, "time": time.perf_counter()}  # the last checkpoint (or the restore)
     reported: list[int] = []
 
     def on_epoch_end(epoch: int, metrics: dict, matrix) -> None:
         metrics.update(monitor.epoch_figures())
+        # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
+        extra = {} if reported else {DATASETS_KEY: datasets}
+        reported.append(epoch)
+        if not policy.due(epoch, last["epoch"], config.epochs, time.perf_counter() - last["time"]):
+            session.report({**metrics, **extra, CHECKPOINT_KEY: last["epoch"]}, None)
+            return
+        began = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="vt-ckpt-") as tmp:
             folder = Path(tmp)
-            save_state(folder, model, optimizer, scheduler, epoch)
+            final = epoch == config.epochs
+            save_state(folder, model, optimizer, scheduler, epoch, final=final)
             artifacts = folder / ARTIFACTS
             artifacts.mkdir()
             if matrix is not None:
                 np.save(artifacts / "confusion_matrix.npy", matrix.matrix.cpu().numpy())
-            if epoch == config.epochs:
+            if final:
                 task.write_artifacts(config, built, model, hw, artifacts)
-                export_model(model, built.val_set[0][0].unsqueeze(0), folder / MODEL_DIR)  # (1,C,H,W) example
-            # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
-            session.report({**metrics, **({} if reported else {DATASETS_KEY: datasets})}, folder)
-            reported.append(epoch)
+                torch.save(built.val_set[0][0].unsqueeze(0).cpu(), folder / EXAMPLE_FILE)  # (1,C,H,W): the model's input
+            session.report({**metrics, **extra, CHECKPOINT_KEY: epoch}, folder)
+        policy.saved(time.perf_counter() - began)
+        last.update(epoch=epoch, time=time.perf_counter())
 
     describe = json.dumps(config.to_dict(), sort_keys=True)
     try:

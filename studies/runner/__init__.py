@@ -20,7 +20,8 @@ from studies.runner.cli import apply_args, build_parser
 from studies.runner.errors import StudyInterrupted, TrialsFailed, cli_errors, flag_for_config_error
 from studies.runner.interrupts import stop_signals
 from studies.runner.mlflow_runs import parent_params
-from studies.runner.preflight import check_data, check_disk, check_resources, check_weights, trial_count
+from studies.runner.preflight import (check_data, check_disk, check_resources, check_weights, study_bytes,
+                                      trial_count)
 from studies.runner.record import (applied_changes, check_start, definition, invocation, now, read_record,
                                    remove_failed_start, resume_command, snapshot_statuses, updated, write_file)
 from studies.runner.space import check_space, largest_state
@@ -30,7 +31,8 @@ from studies.runner.tuner import (ApplyOnResume, KeepResultsOnRetry, MLflowCallb
                                   SeededOptunaSearch, autoscaler, can_restore, cluster_nodes, make_tuner,
                                   restore_tuner, start_ray, stop_ray, study_variants, trial_dirname)
 from studies.runner.validate import check_args
-from trainables import ConfigError, Finding, TrainConfig
+from analysis.finding import Finding
+from trainables import ConfigError, TrainConfig
 
 log = logging.getLogger("vision_tune")
 legacy.install()  # snapshots written before the runner was a package name its modules by their old paths
@@ -83,7 +85,8 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     check_data(base)
     check_weights(base, space)  # found or downloaded once here, before Ray: trials only read the cache
     if not args.resume:
-        check_disk(largest_state(base, space), study["trials"], storage, uri)
+        check_disk(*study_bytes(*largest_state(base, space), study["trials"], base.epochs, base.checkpoint_every,
+                                args.log_models), study["trials"], storage, uri)
         if args.overwrite and local and Path(study_dir).exists():
             shutil.rmtree(study_dir)  # only now: a refused command must not have cost the old study
     entry = invocation(args, uri, [*script, *argv])
@@ -95,7 +98,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     record: dict = {}
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
     tracker.plan(study_dir, parent_params(base.to_dict(), [sys.argv[0], *argv], metric, mode),
-                 *study_variants(base, space, args.search))
+                 *study_variants(base, space, args.search), task=base.TASK, log_models=args.log_models)
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 
     with stop_signals() as stop:
@@ -134,8 +137,9 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
                  **({"failed_trials": failed} if failed else {}))
     record["state"] = entry["state"]
     write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
+    finals = {r.metrics.get("trial_id"): (r.checkpoint, r.config) for r in results if r.checkpoint and r.metrics}
     mlflow_lines = tracker.end_study(table, metric, mode, None if stop.signum else args.register_model,
-                                     interrupted=bool(stop.signum))
+                                     interrupted=bool(stop.signum), finals=finals)
     print_summary(table, name, study_dir, uri, metric, study["trials"], tracker.ui_lines() + mlflow_lines)
     if finding is not None and not table.empty:
         report_finding(finding, table, study_dir)

@@ -6,7 +6,7 @@ Who runs the autoscaler decides what Ray tells (the runner fetches the raw value
   its status as JSON into the GCS key-value store after every update: proof that it runs, its launches,
   failures and the demands it sees, but not the resources of the node types it may add;
 - autoscaler v2 (KubeRay with ``autoscalerOptions.version: v2``, hosted Ray) reports its node groups with
-  their resources and max counts to GCS (``ray._private.state.state.get_cluster_config()``);
+  their resources and max counts to GCS (``analysis.ray_internals.cluster_config``);
 - ``ray up`` also leaves the whole config on the head, ``~/ray_bootstrap_config.yaml``.
 """
 from __future__ import annotations

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 from studies.runner.autoscaling import PENDING_TIMEOUT_S
+from studies.runner.tracking import LOG_MODELS
 from trainables import ClassifyConfig, ConfigError, SegmentConfig, TrainConfig, VAEConfig
 
 # --quick: embedded data, small images, two epochs, so each study ends in minutes on a 2-core laptop.
@@ -53,6 +54,10 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     track.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage folder")
     track.add_argument("--overwrite", action="store_true", help="start over even if the study folder exists")
     track.add_argument("--max-failures", type=int, default=0, help="retries per trial, from its last checkpoint")
+    track.add_argument("--checkpoint-every", metavar="N|Ns|auto", help="a checkpoint every N epochs or N seconds of "
+                       "training (default auto: <= 5%% of the trial's time, at most one a minute; always one at the end)")
+    track.add_argument("--log-models", choices=LOG_MODELS, default="best",
+                       help="which trials' final models MLflow logs (built from their checkpoints; default: the best)")
     track.add_argument("--debug", action="store_true", help="show the traceback of an error (or VISION_TUNE_DEBUG=1)")
     return parser
 
@@ -63,7 +68,7 @@ def apply_args(base: TrainConfig, space: dict, args: argparse.Namespace) -> tupl
     flags = {"dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
              "batch_size": args.batch_size, "image_size": args.image_size, "seed": args.seed,
              "steps_per_epoch": args.steps_per_epoch, "download": args.download or None,
-             "num_workers": args.num_workers}
+             "num_workers": args.num_workers, "checkpoint_every": args.checkpoint_every}
     flags = {key: value for key, value in flags.items() if value is not None}
     if args.no_pretrained:
         if not hasattr(base, "pretrained"):

@@ -29,7 +29,7 @@ EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|
 # config fields the command line sets directly: an error about the field names the flag the user typed
 FIELD_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "image_size": "--image-size",
                "steps_per_epoch": "--steps-per-epoch", "seed": "--seed", "dataset": "--dataset",
-               "data_root": "--data-root"}
+               "data_root": "--data-root", "checkpoint_every": "--checkpoint-every"}
 
 
 class UsageError(ValueError):

@@ -17,10 +17,12 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from analysis.ray_internals import TUNE_SIGINT_VARIABLE, TUNE_STOP_SIGNAL
+
 log = logging.getLogger("vision_tune")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-TUNE_STOP = getattr(signal, "SIGUSR1", None)  # Tune's fit() installs its stop handler here too
-_TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # so that Ctrl-C reaches our handler, not only Tune's
+TUNE_STOP = TUNE_STOP_SIGNAL  # Tune's fit() installs its stop handler here too
+_TUNE_SIGINT = TUNE_SIGINT_VARIABLE  # so that Ctrl-C reaches our handler, not only Tune's
 
 
 class Stopped(KeyboardInterrupt):

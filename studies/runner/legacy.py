@@ -11,6 +11,7 @@ import sys
 MOVED = {f"studies.{name}": f"studies.runner.{name}" for name in
          ("autoscaling", "cli", "errors", "interrupts", "preflight", "record", "space", "tracking", "validate")}
 MOVED["studies.study_run"] = "studies.runner.mlflow_runs"
+MOVED["trainables.naming"] = "analysis.naming"  # VariantNames, pickled with the tracker
 
 
 def install() -> None:

@@ -46,7 +46,7 @@ def wait_uploads() -> list[BaseException]:
 
 def parent_params(base: dict, argv: list[str], metric: str, mode: str) -> dict[str, str]:
     """The parent run's params: the base config (flat, as the trials'), the command line, metric and mode."""
-    from trainables.naming import flatten
+    from analysis.naming import flatten
 
     params = {key: str(value) for key, value in flatten(base).items()}
     params.update({"argv": " ".join(argv)[:6000], "metric": metric, "mode": mode})

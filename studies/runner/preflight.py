@@ -134,14 +134,24 @@ def _free_space(path: Path) -> tuple[int, int]:
     return shutil.disk_usage(path).free, path.stat().st_dev
 
 
-def check_disk(state: int, trials: int, storage: str, uri: str) -> None:
+def study_bytes(state: int, weights: int, trials: int, epochs: int, every: str, log_models: str) -> tuple[int, int]:
+    """(bytes under --storage, bytes of MLflow models) at the study's peak, by the checkpoint policy: a trial keeps
+    KEEP_CHECKPOINTS checkpoints of ``state`` bytes mid-trial (only its final weights when --checkpoint-every
+    spans the whole budget); MLflow holds the logged models of ``weights`` bytes (--log-models)."""
+    per_trial = weights if every.isdigit() and int(every) >= epochs else KEEP_CHECKPOINTS * state
+    models = {"best": 1, "all": trials, "none": 0}[log_models]
+    return trials * per_trial, models * weights
+
+
+def check_disk(results: int, models: int, trials: int, storage: str, uri: str) -> None:
     """Fail before Ray starts when the checkpoints cannot fit, rather than trials dying mid-epoch with
-    "No space left on device" (torch.save then reports a corrupt zip): each trial keeps KEEP_CHECKPOINTS
-    states of ``state`` bytes under --storage, and a local MLflow store holds a copy of its last one."""
-    needs = [("--storage", Path(storage), trials * KEEP_CHECKPOINTS * state)] if "://" not in storage else []
+    "No space left on device" (torch.save then reports a corrupt zip): ``results`` bytes of checkpoints under
+    --storage (a local folder), ``models`` bytes in a local MLflow store's artifacts (``study_bytes``)."""
+    state = results // max(trials, 1)
+    needs = [("--storage", Path(storage), results)] if "://" not in storage else []
     artifacts = local_artifact_root(uri)
     if artifacts is not None:
-        needs.append(("--mlflow-uri's artifacts", artifacts, trials * state))
+        needs.append(("--mlflow-uri's artifacts", artifacts, models))
     by_disk: dict[int, list] = {}
     for what, path, size in needs:
         free, device = _free_space(path.expanduser().resolve())
@@ -151,10 +161,10 @@ def check_disk(state: int, trials: int, storage: str, uri: str) -> None:
         if needed > free:
             parts = " + ".join(f"{what} {path} {size / 2**30:.2f} GiB" for what, path, size in users)
             raise StorageError(
-                f"not enough disk for this study's checkpoints: {trials} trial(s) with checkpoints of up to "
-                f"{state / 2**20:.0f} MiB need {needed / 2**30:.2f} GiB ({parts}) but only "
-                f"{free / 2**30:.2f} GiB is free there. Free space, point --storage (or --mlflow-uri) at a larger "
-                "disk, or run fewer trials.")
+                f"not enough disk for this study's checkpoints: {trials} trial(s) keeping up to {state / 2**20:.0f} "
+                f"MiB of checkpoints each need {needed / 2**30:.2f} GiB ({parts}) but only {free / 2**30:.2f} GiB "
+                "is free there. Free space, point --storage (or --mlflow-uri) at a larger disk, checkpoint less "
+                "often (--checkpoint-every), or run fewer trials.")
 
 
 def trial_count(args, space: dict, default_samples: int | None) -> int:

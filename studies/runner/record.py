@@ -21,7 +21,7 @@ from pathlib import Path
 from studies.runner.errors import StudyInterrupted, UsageError
 from studies.runner.space import describe
 from trainables import TrainConfig
-from trainables.tune_state import SNAPSHOT_GLOB, parse_snapshot
+from analysis.ray_internals import SNAPSHOT_GLOB, parse_snapshot
 
 log = logging.getLogger("vision_tune")
 # flags a resume applies (new value wins, recorded in the invocation), as (argparse dest, flag)
@@ -152,7 +152,7 @@ def read_record(study_dir: str) -> dict | None:
 
 
 def snapshot_statuses(study_dir: str) -> dict[str, str]:
-    """Trial folder -> status in Tune's newest experiment snapshot (see ``trainables/tune_state.py``)."""
+    """Trial folder -> status in Tune's newest experiment snapshot (see ``analysis/ray_internals.py``)."""
     from pyarrow import fs
 
     filesystem, path = fs.FileSystem.from_uri(study_dir if "://" in study_dir else Path(study_dir).as_uri())

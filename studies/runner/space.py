@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from trainables import ConfigError, OptimConfig, TrainConfig
-from trainables.tune_io import state_bytes
+from trainables.checkpoints import model_bytes
 
 MAX_CHECKED = 512  # candidate configs built in the check; larger products are checked on a stride
 
@@ -137,14 +137,15 @@ def check_space(base: TrainConfig, space: dict) -> None:
             raise ConfigError(f"search space {varied}: {err}") from None
 
 
-def largest_state(base: TrainConfig, space: dict) -> int:
-    """Bytes of the largest checkpoint any candidate config would write (each distinct model and optimizer
-    kind measured once, on the meta device)."""
-    sizes: dict[tuple, int] = {}
+def largest_state(base: TrainConfig, space: dict) -> tuple[int, int]:
+    """Bytes of the largest checkpoint any candidate config would write mid-trial, and of the largest weights
+    (each distinct model and optimizer kind measured once, on the meta device)."""
+    sizes: dict[tuple, tuple[int, int]] = {}
     for values in variants(base, space):
         config = type(base).from_dict(values)
         key = (config.model, repr(sorted(config.model_kwargs().items())), config.optim.name,
                config.optim.momentum > 0)
         if key not in sizes:
-            sizes[key] = state_bytes(config)
-    return max(sizes.values())
+            weights, slots = model_bytes(config)
+            sizes[key] = (weights + slots, weights)
+    return max(state for state, _ in sizes.values()), max(weights for _, weights in sizes.values())

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.finding import Finding, judge
+from analysis.tune_state import outcome
 from studies.runner.errors import exception_message
 from studies.runner.record import write_file
 from studies.runner.tracking import flatten
-from trainables import Finding
-from trainables.finding import judge
-from trainables.tune_state import outcome
+from trainables.tune_io import CHECKPOINT_KEY
 
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
                 "val/recon", "val/kl", "val/elbo", "epoch")
@@ -29,7 +29,7 @@ def summarize(results, metric: str, mode: str, statuses: dict[str, str] | None =
         status = outcome(None if statuses is None else statuses.get(folder, ""), bool(result.error), epochs_run)
         row = {"trial": folder, "status": status,
                **{f"config/{k}": v for k, v in config.items()},
-               **{k: (result.metrics or {}).get(k) for k in SUMMARY_KEYS}}
+               **{k: (result.metrics or {}).get(k) for k in (*SUMMARY_KEYS, CHECKPOINT_KEY)}}
         if result.error:
             row["error"] = exception_message(str(result.error))[:2000]
         rows.append(row)
@@ -53,6 +53,18 @@ def failed_trials(table: pd.DataFrame) -> list[str]:
     return [] if table.empty else list(table.loc[table["status"] == "ERROR", "trial"])
 
 
+def resume_redo(table: pd.DataFrame) -> tuple[int, int] | None:
+    """(epochs a resume trains again, trials) over the interrupted trials: each restarts from its newest
+    checkpoint (before the first, from scratch)."""
+    cut = table[table["status"].eq("INTERRUPTED")] if "status" in table else table.iloc[:0]
+    if cut.empty or "epoch" not in cut:
+        return None
+    done = cut["epoch"].fillna(0)
+    kept = cut[CHECKPOINT_KEY].fillna(0) if CHECKPOINT_KEY in cut else 0 * done
+    redo = int((done - kept).clip(lower=0).sum())
+    return (redo, len(cut)) if redo else None
+
+
 def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int,
                   mlflow_lines: list[str]) -> None:
     shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
@@ -64,6 +76,10 @@ def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metr
         print(f"ERROR {failed['trial']}: {failed.get('error', '')[:400]}")
     if expected > len(table):  # Tune creates a grid's trials as slots free up: the rest were never created
         print(f"({expected - len(table)} more trial(s) not created yet: the resume runs them)")
+    redo = resume_redo(table)
+    if redo:
+        print(f"(a resume redoes {redo[0]} epoch(s) of {redo[1]} interrupted trial(s): their work since their last "
+              "checkpoint; --checkpoint-every sets how much that can be)")
     print(f"\ntable: {study_dir}/trials.csv")
     best = table[table["status"] == "OK"]
     if not best.empty:

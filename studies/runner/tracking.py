@@ -3,8 +3,10 @@ idempotent across retries and resumes.
 
 A trial's run is found again by its tag ``vision_tune.trial_id``, so a retried trial or a resumed
 study keeps writing into the same run, and epochs already logged are not logged twice. Runs are named
-by their variant (``C adam lr=0.001``, the analysis tables' letters, ``trainables/naming.py``); a
-trial's data sets become its inputs, and its final model (written by the trial) its logged model.
+by their variant (``C adam lr=0.001``, the analysis tables' letters, ``analysis/naming.py``); a
+trial's data sets become its inputs, its final artifacts (figures' data, confusion matrix) its artifacts, and the
+model the driver builds from its last checkpoint (``export.py``) its logged model: the best trial's (default),
+every finished trial's (``--log-models all``) or none. Trial weights stay in Tune's checkpoints, once.
 """
 from __future__ import annotations
 
@@ -17,19 +19,21 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, log_dataset_inputs, log_model_folder,
-                               logged_model_id, register, submit_upload, wait_uploads)
-from trainables.export import MODEL_DIR
+from analysis.mlflow_store import (BrokenStoreError, experiment_id, find_or_create_parent, open_client,  # noqa: F401
+                                   repair_leftovers, runs_url, sqlite_path, store_lock, ui_command)
+from analysis.naming import VariantNames
+from analysis.naming import flatten as flat_config
+from studies.runner.export import MODEL_DIR, export_checkpoint, exportable
+from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, best_trial_id, log_dataset_inputs,
+                                        log_model_folder, logged_model_id, register, submit_upload, wait_uploads)
+from trainables.checkpoints import ARTIFACTS
 from trainables.lineage import DATASETS_KEY
-from trainables.mlflow_store import (BrokenStoreError, experiment_id, find_or_create_parent, open_client,
-                                     repair_leftovers, runs_url, sqlite_path, store_lock, ui_command)
-from trainables.naming import VariantNames
-from trainables.naming import flatten as flat_config
 
 log = logging.getLogger(__name__)
 TRIAL_TAG = "vision_tune.trial_id"
 VARIANT_TAG = "vision_tune.variant"
 STEP_METRIC = "epoch"
+LOG_MODELS = ("best", "all", "none")  # --log-models: which trials' final models become MLflow logged models
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -102,6 +106,7 @@ class StudyTracker:
         self.study_dir = ""  # the parent run's key and params, see ``plan``
         self.params: dict[str, str] | None = None
         self.names = VariantNames([])
+        self.task, self.log_models = "", "best"  # see ``plan``
         self._client = None
         self._runs: dict[str, tuple[str, int]] = {}  # trial id -> (run id, last logged epoch)
         self._ids: dict[str, str] = {}  # "experiment" and "parent" ids, once known
@@ -118,12 +123,13 @@ class StudyTracker:
         self.__dict__.update(state)
 
     def plan(self, study_dir: str, params: dict[str, str], variants: list[dict],
-             varied: list[str] | None = None) -> None:
+             varied: list[str] | None = None, task: str = "", log_models: str = "best") -> None:
         """The study's folder and the parent run's params, and the study's variants (flat configs in Tune's trial
         order) that name its trials' runs; ``varied``: the keys that vary when the variants are not known (a
-        sampled search)."""
+        sampled search); ``task``: the configs' task (the driver rebuilds models from checkpoints with it)."""
         self.study_dir, self.params = study_dir, params
         self.names = VariantNames(variants, varied)
+        self.task, self.log_models = task, log_models
 
     def warm_up(self) -> None:
         """Import MLflow, open the store (creating its tables on a new sqlite file) and the experiment in a
@@ -209,9 +215,11 @@ class StudyTracker:
         self.client.log_batch(run_id, metrics=metrics)
         self._runs[trial_id] = (run_id, epoch)
 
-    def finish(self, trial_id: str, status: str, checkpoint=None, error: str | None = None) -> None:
+    def finish(self, trial_id: str, status: str, checkpoint=None, error: str | None = None,
+               config: dict | None = None) -> None:
         """Close the trial's run. ``checkpoint`` (a context manager giving the final checkpoint's folder) is
-        uploaded on the upload thread, the model in it as the run's logged model; the run closes after it."""
+        uploaded on the upload thread: its artifacts, and with ``--log-models all`` the model built from it (the
+        best trial's is built at the end of the study); the run closes after it."""
         if trial_id not in self._runs:
             return
         run_id, epoch = self._runs.pop(trial_id)
@@ -220,28 +228,41 @@ class StudyTracker:
         if checkpoint is None:
             self.client.set_terminated(run_id, status=status)
             return
-        submit_upload(self._upload, run_id, self.experiment_id(), checkpoint, epoch, status)
+        submit_upload(self._upload, run_id, self.experiment_id(), checkpoint, epoch, status,
+                      config if self.log_models == "all" else None)
 
-    def _upload(self, run_id: str, experiment: str, checkpoint, epoch: int, status: str) -> None:
+    def _upload(self, run_id: str, experiment: str, checkpoint, epoch: int, status: str,
+                config: dict | None) -> None:
         try:
             with checkpoint as folder:
-                for item in sorted(Path(folder).iterdir()):
-                    if item.name == MODEL_DIR:
-                        continue
-                    if item.is_dir():
-                        self.client.log_artifacts(run_id, str(item), artifact_path=f"checkpoint/{item.name}")
-                    else:
-                        self.client.log_artifact(run_id, str(item), artifact_path="checkpoint")
-                if (Path(folder) / MODEL_DIR / "MLmodel").is_file():
-                    log_model_folder(self.client, run_id, experiment, Path(folder) / MODEL_DIR, epoch)
+                artifacts = Path(folder) / ARTIFACTS
+                if artifacts.is_dir() and any(artifacts.iterdir()):
+                    self.client.log_artifacts(run_id, str(artifacts), artifact_path=ARTIFACTS)
+                if config is not None:
+                    self._log_model(run_id, experiment, Path(folder), epoch, config)
         finally:
             self.client.set_terminated(run_id, status=status)
 
+    def _log_model(self, run_id: str, experiment: str, folder: Path, epoch: int, config: dict) -> bool:
+        """The run's logged model from a checkpoint folder: built here from the trial's weights, or (a checkpoint
+        written before 2026-12) the MLflow model folder the trial wrote itself. Returns whether there was one."""
+        import tempfile
+
+        if (folder / MODEL_DIR / "MLmodel").is_file():
+            log_model_folder(self.client, run_id, experiment, folder / MODEL_DIR, epoch)
+            return True
+        if not exportable(folder) or logged_model_id(self.client, experiment, run_id, MODEL_DIR):
+            return logged_model_id(self.client, experiment, run_id, MODEL_DIR) is not None
+        with tempfile.TemporaryDirectory(prefix="vt-model-") as tmp:
+            log_model_folder(self.client, run_id, experiment,
+                             export_checkpoint(self.task, config, folder, Path(tmp) / MODEL_DIR), epoch)
+        return True
+
     def end_study(self, table, metric: str, mode: str, register_as: str | None = None,
-                  interrupted: bool = False) -> list[str]:
-        """After ``fit``: wait for the uploads, record the best trial on the parent run (and register its
-        model as ``register_as``), close the parent (KILLED when interrupted: a resume reopens it); returns the
-        lines the runner prints."""
+                  interrupted: bool = False, finals: dict | None = None) -> list[str]:
+        """After ``fit``: wait for the uploads, record the best trial on the parent run, log its model (built from
+        its final checkpoint, ``finals``: trial id -> (checkpoint, config)) and register it as ``register_as``,
+        close the parent (KILLED when interrupted: a resume reopens it); returns the lines the runner prints."""
         errors = wait_uploads()
         if interrupted:
             self.kill_unfinished()
@@ -254,6 +275,14 @@ class StudyTracker:
             self.client.set_tag(parent, BEST_TRIAL_TAG, trial_id)
             self.client.set_tag(parent, BEST_RUN_TAG, best_run)
             self.client.log_metric(parent, f"best/{metric}", value)
+            checkpoint, config = (finals or {}).get(trial_id, (None, None))
+            if best_run and checkpoint is not None and self.log_models != "none":
+                try:
+                    with checkpoint.as_directory() as folder:
+                        epochs = table.loc[table["trial"].str.endswith(trial_id), "epoch"]
+                        self._log_model(best_run, self.experiment_id(), Path(folder), int(epochs.iloc[0]), config)
+                except Exception as err:  # noqa: BLE001 - the results stand; the missing model is said
+                    errors.append(err)
             model_id = logged_model_id(self.client, self.experiment_id(), best_run, MODEL_DIR) if best_run else None
             if register_as and model_id:
                 version = register(self.client, register_as, model_id, best_run, self.uri)

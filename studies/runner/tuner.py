@@ -16,14 +16,16 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.naming import flatten as flat_config
+from analysis.naming import varied_keys
+from analysis.ray_internals import (autoscaling_status, cluster_config, copy_result_to_storage, restored_run_config,
+                                    set_trial_retries, trial_resources)
 from studies.runner.autoscaling import Autoscaler
 from studies.runner.preflight import (KEEP_CHECKPOINTS, PendingClock, PendingTimeoutError, learn,
                                       pending_timeout_message, trial_count)
 from studies.runner.space import is_grid, merge_space, sample_seed, seed_samples, variants
 from studies.runner.tracking import StudyTracker
 from trainables import TrainConfig, trainable_for
-from trainables.naming import flatten as flat_config
-from trainables.naming import varied_keys
 
 log = logging.getLogger("vision_tune")
 # num_to_keep forces an experiment snapshot every KEEP_CHECKPOINTS reports, and Tune warns of a bottleneck at
@@ -47,7 +49,7 @@ class MLflowCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         checkpoint = trial.checkpoint.as_directory() if trial.checkpoint is not None else None
-        self.tracker.finish(trial.trial_id, "FINISHED", checkpoint=checkpoint)
+        self.tracker.finish(trial.trial_id, "FINISHED", checkpoint=checkpoint, config=trial.config)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else None
@@ -60,12 +62,7 @@ class KeepResultsOnRetry(tune.Callback):
     since that snapshot would vanish from Tune's results. Push the driver's copy to storage first."""
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        from pyarrow import fs
-
-        local = Path(trial.local_path, "result.json")
-        if local.is_file():
-            fs.copy_files(str(local), f"{trial.storage.trial_fs_path}/result.json",
-                          destination_filesystem=trial.storage.storage_filesystem)
+        copy_result_to_storage(trial)
 
 
 class PendingTimeout(tune.Callback):
@@ -101,8 +98,8 @@ class ApplyOnResume(tune.Callback):
         wanted = {kind: amount for kind, amount in self.resources.items() if amount}
         for trial in trials:
             if trial.status in ("PENDING", "PAUSED", "RUNNING"):  # read only when a trial fails: safe to change
-                trial.max_failures = self.max_failures
-            if trial.status in ("PENDING", "PAUSED") and trial.placement_group_factory.required_resources != wanted:
+                set_trial_retries(trial, self.max_failures)
+            if trial.status in ("PENDING", "PAUSED") and trial_resources(trial) != wanted:
                 trial.update_resources({"cpu": self.resources["CPU"], "gpu": self.resources["GPU"]})
 
 
@@ -146,21 +143,8 @@ def study_variants(base: TrainConfig, space: dict, search: str) -> tuple[list[di
 
 def autoscaler() -> Autoscaler | None:
     """What Ray publishes about this cluster's autoscaler (see ``autoscaling.py``); Ray has no public API for
-    it, so these are the calls `ray status` and Ray Data make."""
-    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-    from ray._private.state import state
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    groups = node_groups(state.get_cluster_config())  # autoscaler v2's node groups; None under the v1 monitor
-    return learn(_internal_kv_get(DEBUG_AUTOSCALING_STATUS), groups, now=time.time())
-
-
-def node_groups(config) -> dict | None:
-    """Ray's ``autoscaler_pb2.ClusterConfig`` as the plain dict ``autoscaling.py`` reads."""
-    if config is None:
-        return None
-    return {"node_group_configs": [{"name": group.name, "resources": dict(group.resources),
-                                    "max_count": group.max_count} for group in config.node_group_configs]}
+    it, so these are the calls `ray status` and Ray Data make (``analysis/ray_internals.py``)."""
+    return learn(autoscaling_status(), cluster_config(), now=time.time())
 
 
 def start_ray(address: str | None) -> bool:
@@ -218,9 +202,9 @@ def can_restore(study_dir: str) -> bool:
 def restore_tuner(study_dir: str, base: TrainConfig, args, tracker: StudyTracker) -> tune.Tuner:
     """The study's Tuner from its snapshot, with what a resume honours put into the restored run config: Tune
     keeps the first run's callbacks and failure config in its pickled state, so the new MLflow URI, retries and
-    resources go in here (Tuner has no public setter; ``_local_tuner`` is where ``fit`` reads them)."""
+    resources go in here (Tuner has no public setter: ``restored_run_config``)."""
     tuner = tune.Tuner.restore(study_dir, trainable=trainable(base, args))
-    run_config = tuner._local_tuner.get_run_config()
+    run_config = restored_run_config(tuner)
     run_config.callbacks = [MLflowCallback(tracker) if isinstance(c, MLflowCallback) else c
                             for c in run_config.callbacks or [] if not isinstance(c, ApplyOnResume)]
     run_config.callbacks.append(ApplyOnResume(args.cpus_per_trial, args.gpus_per_trial, args.max_failures))

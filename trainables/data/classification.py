@@ -133,8 +133,9 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=None)
-def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """5,000 real MNIST digits (28x28 uint8) and labels; rows are 784 pixels then the label."""
+def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """5,000 real MNIST digits (28x28 uint8) and labels; rows are 784 pixels then the label. Read once per process
+    (``mnist5k_arrays.cache_clear()`` forgets them, so that the next trial reads the file again)."""
     path = mnist5k_path()
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
@@ -158,7 +159,7 @@ def _fixed_split(labels: np.ndarray, split: str, train_share: float = 0.8) -> np
 
 
 def _embedded(name: str, split: str, image_size: int, augment: bool = False, mean=None, std=None) -> BatchedImages:
-    images, labels = _digits_arrays() if name == "digits" else _mnist5k_arrays()
+    images, labels = _digits_arrays() if name == "digits" else mnist5k_arrays()
     index = _fixed_split(labels, split)
     return BatchedImages(torch.from_numpy(images[index]).unsqueeze(1), torch.from_numpy(labels[index]),
                          image_size=image_size, divisor=16 if name == "digits" else 255,

@@ -125,9 +125,9 @@ def repair_leftovers(path: Path) -> None:
                                                                         "WHERE experiment_id != 0")
         revision = db.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables \
             else None
-        from mlflow.store.db.utils import _get_latest_schema_revision
+        from analysis.mlflow_internals import latest_schema_revision
 
-        head = _get_latest_schema_revision()
+        head = latest_schema_revision()
         complete = revision is not None and revision[0] == head and all(t[len(_LEFTOVER):] in tables
                                                                        for t in leftovers)
         if kept == 0 or complete:

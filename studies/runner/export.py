@@ -1,13 +1,11 @@
-"""The trained model as an MLflow PyTorch model folder, written inside the trial beside the last checkpoint.
-
-The trial writes it (it holds the model and a real input; the work runs on the trial's own CPU or GPU,
-not on the driver, whose event loop schedules every trial); the driver's tracker uploads the folder as
-the run's logged model ``model``, so ``mlflow.pytorch.load_model("runs:/<id>/model")`` loads it.
-The folder carries ``vision_models`` as code, so the pickled model loads where this project is not installed.
+"""A trial's trained model as an MLflow PyTorch model folder, built by the driver from the trial's last
+checkpoint (its weights and one real input, ``trainables/checkpoints.py``): trials write their weights once and
+never import MLflow. The tracker's upload thread runs this, off Tune's event loop, and logs the folder as the
+run's logged model ``model``, so ``mlflow.pytorch.load_model("runs:/<id>/model")`` loads it. The folder carries
+``vision_models`` as code, so the pickled model loads where this project is not installed.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import logging
@@ -18,10 +16,13 @@ import torch
 from torch import nn
 
 import vision_models
+from analysis.mlflow_internals import requirements_check_skipped
+from trainables import CONFIGS
+from trainables.checkpoints import EXAMPLE_FILE, STATE_FILE
 from vision_models.vae import ConvVAE, Reconstruction
 
 log = logging.getLogger(__name__)
-MODEL_DIR = "model"  # in the checkpoint folder; also the logged model's name
+MODEL_DIR = "model"  # the logged model's name (and, in checkpoints written before 2026-12, a folder of theirs)
 
 
 def servable(model: nn.Module) -> nn.Module:
@@ -50,7 +51,7 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
     quiet = logging.getLogger("mlflow.pytorch")
     level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # its per-save warning that pickles run code on load
     try:
-        with _pins_of_this_process():
+        with requirements_check_skipped():
             mlflow.pytorch.save_model(served, str(folder), signature=signature, input_example=inputs.numpy(),
                                       pip_requirements=requirements, serialization_format="pickle",
                                       code_paths=[str(Path(vision_models.__file__).parent)])
@@ -59,22 +60,25 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def _pins_of_this_process():
-    """Skip MLflow's check that the model's pinned requirements are installed. It maps every installed
-    distribution to its modules first (``importlib.metadata.packages_distributions``): 3.1 s of a 23 s quick
-    SegNet trial here, paid once by every trial's worker process. The pins above are the running modules' own
-    versions, so it cannot find a mismatch. MLflow has no switch for it (``MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK``
-    skips another check); if the function moves, the check simply runs."""
-    from mlflow.utils import environment
 
-    name = "warn_dependency_requirement_mismatches"
-    check = getattr(environment, name, None)
-    if check is None:
-        yield
-        return
-    setattr(environment, name, lambda requirements: None)
-    try:
-        yield
-    finally:
-        setattr(environment, name, check)
+def exportable(folder: Path) -> bool:
+    """Whether a checkpoint folder holds a finished trial's weights and example input."""
+    return (folder / STATE_FILE).is_file() and (folder / EXAMPLE_FILE).is_file()
+
+
+def model_from_checkpoint(task: str, config: dict, folder: Path) -> tuple[nn.Module, torch.Tensor]:
+    """The trial's model with its checkpoint's weights, on the CPU, and its example input (1,C,H,W)."""
+    typed = CONFIGS[task].from_dict(config)
+    kwargs = typed.model_kwargs()
+    if kwargs.get("pretrained"):
+        kwargs["pretrained"] = False  # the checkpoint holds every weight: nothing to read from ImageNet's
+    model = vision_models.build_model(typed.model, **kwargs)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.eval(), torch.load(folder / EXAMPLE_FILE, map_location="cpu", weights_only=True)
+
+
+def export_checkpoint(task: str, config: dict, folder: Path, out: Path) -> Path:
+    """The MLflow model folder of a finished trial's checkpoint."""
+    model, example = model_from_checkpoint(task, config, folder)
+    return export_model(model, example, out)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from trainables import naming
+from analysis import naming
 
 CONFIDENCE = 0.95
 METHOD = "Welch t over seeds, 95%"

@@ -1,8 +1,8 @@
 """The report's finding for a study, as data, and its verdict on a trials table.
 
-A study script declares ``FINDING`` beside ``BASE`` and ``SPACE``. The judgement lives here, beside the typed
-configs, because both the runner (end of study, ``finding.json``) and ``analysis/`` (the report's Finding
-section) need it, and imports flow studies -> trainables and analysis -> trainables only.
+A study script declares ``FINDING`` beside ``BASE`` and ``SPACE``. The judgement lives in the analysis, which
+both the runner (end of study, ``finding.json``) and the report's Finding section use; imports flow
+studies -> analysis -> trainables, so no trial process imports it (nor pandas and scipy with it).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.config import ConfigError
-from trainables.stats import METHOD, TREND_METHOD, per_variant, slope_interval, variant_keys, welch_interval
+from analysis.stats import METHOD, TREND_METHOD, per_variant, slope_interval, variant_keys, welch_interval
 
 SUPPORTED, CONTRADICTED, NOT_SIGNIFICANT, UNTESTABLE = (
     "supported", "contradicted", "not significant at this n", "not testable here")
