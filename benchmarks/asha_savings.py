@@ -8,6 +8,7 @@ of each trial's last training_iteration, from its result.json) and whether the b
 
     python benchmarks/asha_savings.py                       # 8 trials x 8 epochs, about 4 minutes on 2 cores
     python benchmarks/asha_savings.py --trials 16 --epochs 8
+    python benchmarks/asha_savings.py --smoke               # 2 trials x 2 epochs of 1 step: the code path
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def run(scheduler: str, args, tmp: Path) -> dict:
     command = [sys.executable, str(ROOT / "studies" / "seg_search.py"), "--quick", "--search", "optuna",
                "--scheduler", scheduler, "--num-samples", str(args.trials), "--epochs", str(args.epochs),
                "--image-size", str(args.image_size), "--steps-per-epoch", str(args.steps_per_epoch),
-               "--seed", str(args.seed), "--storage", str(storage), "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db"]
+               "--seed", str(args.seed), "--storage", str(storage), "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db",
+               *(["--data-root", str(args.data_root)] if args.data_root else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
@@ -69,8 +71,14 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps-per-epoch", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", type=Path, help="where the shapes scenes are written (default: the studies')")
+    parser.add_argument("--smoke", action="store_true", help="2 trials x 2 epochs of 1 step, data in a temporary "
+                        "folder: the code path, not a measurement")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vt-asha-"))
+    if args.smoke:
+        args.trials, args.epochs, args.steps_per_epoch = 2, 2, 1
+        args.data_root = args.data_root or tmp / "data"
     try:  # checkpoints and MLflow artifacts of 16 U-Net trials take gigabytes: keep only the figures
         studies = {scheduler: run(scheduler, args, tmp) for scheduler in ("asha", "fifo")}
     finally:
@@ -91,7 +99,8 @@ def main() -> None:
     print(f"best config with FIFO: {best_fifo['config']}")
     agree = best_asha["config"] == best_fifo["config"]
     path = write_json("asha_savings", {"args": vars(args), "rows": rows, "same_configs": same_configs,
-                                       "best_agrees": agree, "asha_best_rank_in_fifo": rank, "studies": studies})
+                                       "best_agrees": agree, "asha_best_rank_in_fifo": rank, "studies": studies},
+                      smoke=args.smoke)
     print(f"json: {path}")
     print(f"ASHA spent {asha['trial_epochs']}/{fifo['trial_epochs']} trial-epochs "
           f"({asha['trial_epochs'] / fifo['trial_epochs']:.2f}x); best config agrees: {agree}"

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+# VISION_TUNE_BENCH_OUT sends the JSON elsewhere (the tests' smoke runs write to a temporary folder)
+OUT_DIR = Path(os.environ.get("VISION_TUNE_BENCH_OUT") or Path(__file__).resolve().parent / "out")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere without installing
     sys.path.insert(0, str(ROOT))
@@ -23,11 +24,13 @@ def machine() -> dict:
             else None, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write_json(name: str, payload: dict) -> Path:
-    """benchmarks/out/<name>.json, with the machine description added."""
+def write_json(name: str, payload: dict, smoke: bool = False) -> Path:
+    """benchmarks/out/<name>.json, with the machine description added; a --smoke run writes <name>_smoke.json,
+    so that checking the code path never overwrites a measurement."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2, default=str))
+    path = OUT_DIR / f"{name}{'_smoke' if smoke else ''}.json"
+    path.write_text(json.dumps({"benchmark": name, "smoke": smoke, "machine": machine(), **payload}, indent=2,
+                               default=str))
     return path
 
 

@@ -14,6 +14,7 @@ a GPU at the full batch with bf16 + channels_last as trials run (--model-device 
 
     python benchmarks/data_throughput.py                       # CPU, about 3 minutes
     python benchmarks/data_throughput.py --model-device cuda   # the models' side on the GPU
+    python benchmarks/data_throughput.py --smoke               # tiny sets and windows: the code path, seconds
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ VOC_W, VOC_H = 500, 375
 # data set -> (consumer model, image size, batch, train split shape (N,C,H,W))
 SETS = {"cifar10": ("resnet18", 32, 128, (50_000, 3, 32, 32)), "mnist": ("conv_vae", 28, 128, (60_000, 1, 28, 28)),
         "voc": ("unet_resnet50", 256, 32, None)}
+# --smoke: the same paths on a few hundred images, VOC at 64 px
+SMOKE_SETS = {"cifar10": ("resnet18", 32, 8, (256, 3, 32, 32)), "mnist": ("conv_vae", 28, 8, (256, 1, 28, 28)),
+              "voc": ("unet_resnet50", 64, 2, None)}
 
 
 class PerSampleImages(torch.utils.data.Dataset):
@@ -76,9 +80,9 @@ def write_voc_tree(root: Path, count: int) -> Path:
     return root
 
 
-def paths(name: str, root: Path, images: int):
-    """(per-sample loader, batched loader) of one data set, both shuffling, batch as in SETS."""
-    _, size, batch, shape = SETS[name]
+def paths(name: str, root: Path, images: int, sets: dict = SETS):
+    """(per-sample loader, batched loader) of one data set, both shuffling, batch as in ``sets``."""
+    _, size, batch, shape = sets[name]
     if name == "voc":
         write_voc_tree(root, images)
         per_sample = VOCSegmentation(str(root), year="2012", image_set="trainval",
@@ -121,11 +125,12 @@ def model_rate(name: str, size: int, batch: int, steps: int, device: str) -> flo
     return batch * steps / runner.seconds(steps)
 
 
-def model_rates(device: str) -> tuple[dict, str]:
+def model_rates(device: str, sets: dict = SETS, smoke: bool = False) -> tuple[dict, str]:
     """{model: training img/s}: small batches and 2 steps on the CPU, the full batch and 10 steps on a GPU."""
     small = {"resnet18": 16, "conv_vae": 64, "unet_resnet50": 2}
-    rates = {model: model_rate(model, size, batch if device == "cuda" else small[model], 10 if device == "cuda" else 2,
-                               device) for model, size, batch, _ in SETS.values()}
+    steps = 1 if smoke else 10 if device == "cuda" else 2
+    rates = {model: model_rate(model, size, min(batch, 2) if smoke else batch if device == "cuda" else small[model],
+                               steps, device) for model, size, batch, _ in sets.values()}
     return rates, ("this CPU, 1 thread, small batches" if device == "cpu" else f"{torch.cuda.get_device_name(0)}, "
                    "full batch, bf16 + channels_last")
 
@@ -138,29 +143,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="windows per path (alternating order)")
     parser.add_argument("--model-device", default="cpu", choices=("cpu", "cuda"),
                         help="where the models' rates are measured")
+    parser.add_argument("--smoke", action="store_true", help="256-image sets, 4 VOC scenes at 64 px, one short "
+                        "window per path, one model step: the code path, not a measurement")
     args = parser.parse_args()
+    sets = SMOKE_SETS if args.smoke else SETS
+    if args.smoke:
+        args.images, args.seconds, args.rounds = 4, 0.0, 2
     if args.model_device == "cuda" and not torch.cuda.is_available():
         parser.error("--model-device cuda: no CUDA device is visible")
     torch.set_num_threads(1)  # per core: the batched path gets no more threads than the per-sample one
     root = Path(tempfile.mkdtemp(prefix="vt-data-bench-"))
     rows = []
     try:
-        models, source = model_rates(args.model_device)
+        models, source = model_rates(args.model_device, sets, args.smoke)
         for name in args.sets:
             start = time.perf_counter()
-            loaders = dict(zip(("per_sample", "batched"), paths(name, root / name, args.images)))
+            loaders = dict(zip(("per_sample", "batched"), paths(name, root / name, args.images, sets)))
             states = {key: {} for key in loaders}
             # one batch each first (warm caches), then size each window to about --seconds
-            sizes = {key: max(1, round(args.seconds * rate(loader, 1, states[key]) / SETS[name][2]))
+            sizes = {key: max(1, round(args.seconds * rate(loader, 1, states[key]) / sets[name][2]))
                      for key, loader in loaders.items()}
             times = {key: 0.0 for key in loaders}
             images = {key: 0 for key in loaders}
             for round_ in range(args.rounds):
                 for key in (list(loaders) if round_ % 2 == 0 else list(loaders)[::-1]):
                     measured = rate(loaders[key], sizes[key], states[key])
-                    images[key] += sizes[key] * SETS[name][2]
-                    times[key] += sizes[key] * SETS[name][2] / measured
-            model, size, batch, _ = SETS[name]
+                    images[key] += sizes[key] * sets[name][2]
+                    times[key] += sizes[key] * sets[name][2] / measured
+            model, size, batch, _ = sets[name]
             per_sample, batched = (images[key] / times[key] for key in ("per_sample", "batched"))
             rows.append({"data": name, "size": size, "batch": batch, "per_sample_img_s": per_sample,
                          "batched_img_s": batched, "speedup": batched / per_sample, "model": model,
@@ -172,7 +182,7 @@ def main() -> None:
     print(table(rows))
     slowest = min(rows, key=lambda row: row["speedup"])
     path = write_json("data_throughput", {"args": vars(args), "rows": rows, "model_rates_from": source,
-                                          "slowest_speedup": slowest["speedup"]})
+                                          "slowest_speedup": slowest["speedup"]}, smoke=args.smoke)
     print(f"json: {path}")
     print(f"models' training rates from {source}; img/s are per CPU core (one thread, no workers)")
     print(f"data path speedup, slowest data set: {slowest['speedup']:.2f}")

@@ -6,7 +6,8 @@
 #   3 trials packed on the GPU, with torch processes (benchmarks/gpu_packing.py):
 #     (a) 1 alone vs 4 at 0.25, (b) data-wait share, (c) bf16+channels_last vs fp32, (e) the memory cap
 #   4 (d) a 4-trial --quick study at 0.25 GPU per trial, when Ray is importable
-# then a summary table; the exit status is 1 when a goal is missed.
+# then a summary table of the JSON that THIS run's steps wrote (each step first deletes its JSON, so a failed step
+# shows as FAIL, never with an earlier run's figures); the exit status is 1 when a step fails or a goal is missed.
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root or anywhere; PY=... picks the Python
 set -euo pipefail
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-OUT=benchmarks/out
+OUT=${VISION_TUNE_BENCH_OUT:-benchmarks/out}  # where the benchmarks write their JSON (benchmarks/common.py)
+export VISION_TUNE_BENCH_OUT="$OUT"
 TMP=$(mktemp -d -t vt-gpu-XXXX)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,16 +29,19 @@ print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 EOF
 
 echo "== 1/4 model throughput (bf16 on/off x channels_last on/off)"
+rm -f "$OUT/model_throughput.json"
 timeout 240 "$PY" benchmarks/model_throughput.py --device cuda --amp both --channels-last both \
     --batch-scale 8 --steps 5 --rounds 8 > "$TMP/models.txt" 2>&1 || { tail -n 40 "$TMP/models.txt"; STATUS=1; }
 tail -n 25 "$TMP/models.txt"
 
 echo "== 2/4 data path: batched vs per-sample per CPU core, against the models on the GPU"
+rm -f "$OUT/data_throughput.json"
 timeout 240 "$PY" benchmarks/data_throughput.py --model-device cuda --rounds 4 > "$TMP/data.txt" 2>&1 \
     || { tail -n 40 "$TMP/data.txt"; STATUS=1; }
 tail -n 8 "$TMP/data.txt"
 
 echo "== 3/4 packed trials: alone vs 4 x 0.25, data wait, bf16+channels_last vs fp32, the memory cap"
+rm -f "$OUT/gpu_packing.json"
 timeout 420 "$PY" benchmarks/gpu_packing.py > "$TMP/packing.txt" 2>&1 || { STATUS=1; }
 tail -n 30 "$TMP/packing.txt"
 
@@ -59,16 +64,20 @@ else
     echo "== 4/4 (d) skipped: Ray/MLflow not importable here (pip install -e . for the study)"
 fi
 
-"$PY" - "$TMP" "$STUDY" <<'EOF' || STATUS=1
+"$PY" - "$TMP" "$STUDY" "$OUT" <<'EOF' || STATUS=1
 import json, sys
 from pathlib import Path
 
-tmp, study, out = Path(sys.argv[1]), sys.argv[2], Path("benchmarks/out")
+tmp, study, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 rows = []  # (check, figure, ok)
 
 def load(name):
+    """This run's figures: each step deleted its JSON before it ran, so a missing one is a failed step."""
     path = out / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        rows.append((f"{name}.py", "no JSON from this run: the step failed (its output is above)", False))
+        return None
+    return json.loads(path.read_text())
 
 models = load("model_throughput")
 if models:

@@ -11,7 +11,7 @@ own data path, loop and memory cap in separate processes, as Ray would run four 
       fail with the trainables' named error while a neighbour U-Net trial at 0.25 finishes
 
     python benchmarks/gpu_packing.py                   # one CUDA GPU, about 3 minutes
-    python benchmarks/gpu_packing.py --device cpu --tiny   # a smoke run of the same code on a CPU
+    python benchmarks/gpu_packing.py --smoke           # the same code on the CPU, tiny: 2 packed, 1 window
 """
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ from common import table, write_json  # first: puts the repository on sys.path
 
 import torch
 
-# name -> (image size, batch, steps per timed window); --tiny shrinks them for a CPU smoke run
+# name -> (image size, batch, steps per timed window); --smoke shrinks them for a CPU run of the code path
 MODELS = {"resnet18": (32, 128, 30), "unet_resnet50": (256, 32, 15)}
-TINY = {"resnet18": (32, 8, 2), "unet_resnet50": (64, 2, 2)}
+TINY = {"resnet18": (32, 8, 1), "unet_resnet50": (64, 2, 1)}
+IMAGES = {False: 50_000, True: 512}  # CIFAR-shaped images a resnet18 'trial' holds (CIFAR-10's train split)
+VOC_SCENES = {False: 64, True: 4}
 
 
 def _setup(device: str, gpus: float, cpus: int):
@@ -44,7 +46,7 @@ def _setup(device: str, gpus: float, cpus: int):
     return hw, apply_cap(hw.device, gpus)
 
 
-def _loader(name: str, hw, size: int, batch: int, voc_root: str, cpus: int):
+def _loader(name: str, hw, size: int, batch: int, voc_root: str, cpus: int, images: int):
     """The trial's own training batches: CIFAR-shaped uint8 held on the device, or VOC files via the cache."""
     from trainables.data.batched import BatchedImages, DeviceBatches
     from trainables.data.segmentation import SegmentationBatches
@@ -52,8 +54,8 @@ def _loader(name: str, hw, size: int, batch: int, voc_root: str, cpus: int):
     from trainables.task import loader_workers
 
     if name == "resnet18":
-        pixels = torch.randint(0, 256, (50_000, 3, size, size), dtype=torch.uint8, device=hw.device)
-        labels = torch.randint(0, 10, (50_000,), device=hw.device)
+        pixels = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, device=hw.device)
+        labels = torch.randint(0, 10, (images,), device=hw.device)
         data = BatchedImages(pixels, labels, image_size=size, pad=4, flip=True, mean=(0.49, 0.48, 0.45),
                              std=(0.25, 0.24, 0.26))
         return DeviceBatches(data, batch, shuffle=True, drop_last=True)
@@ -83,13 +85,13 @@ def train_worker(name: str, device: str, gpus: float, cpus: int, precision: str,
         if precision == "fp32":
             hw = Hardware(hw.device)
         size, batch, steps = (TINY if tiny else MODELS)[name]
-        loader = _loader(name, hw, size, batch, voc_root, cpus)
+        loader = _loader(name, hw, size, batch, voc_root, cpus, IMAGES[tiny])
         model, step = _model_and_step(name, hw)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         fixed = next(iter(loader))
         feeds = {"real": lambda: loader, "fixed": lambda: repeat(fixed, steps)}
         for feed in feeds.values():  # warm-up: cuDNN autotuning, allocator, loader workers
-            train_one_epoch(model, step, feed(), optimizer, hw, 0, max_steps=2)
+            train_one_epoch(model, step, feed(), optimizer, hw, 0, max_steps=min(2, steps))
         if barrier is not None:
             barrier.wait(timeout=600)  # packed processes time the same stretch
         seconds = {key: 0.0 for key in feeds}
@@ -101,7 +103,7 @@ def train_worker(name: str, device: str, gpus: float, cpus: int, precision: str,
         results.put({"name": name, "gpus": gpus, "precision": precision, "fraction": fraction,
                      **{key: batch * steps * rounds / total for key, total in seconds.items()}})
     except Exception:
-        results.put({"name": name, "error": traceback.format_exc()})
+        results.put({"name": name, "precision": precision, "error": traceback.format_exc()})
 
 
 def trial_worker(kind: str, data_root: str, gpus: float, results) -> None:
@@ -144,13 +146,17 @@ def run_processes(target, arg_list: list[tuple], barrier_count: int = 0, timeout
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
-    parser.add_argument("--tiny", action="store_true", help="small batches and 2 steps (a CPU smoke run)")
-    parser.add_argument("--packed", type=int, default=4, help="processes sharing the GPU")
-    parser.add_argument("--rounds", type=int, default=4, help="timed windows per feed (alternating)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda (--smoke: cpu)")
+    parser.add_argument("--smoke", action="store_true", help="small batches and data, 1 step, 2 packed processes, "
+                        "1 window; the goals are printed, not enforced: the code path, not a measurement")
+    parser.add_argument("--packed", type=int, help="processes sharing the GPU (default 4; --smoke: 2)")
+    parser.add_argument("--rounds", type=int, help="timed windows per feed, alternating (default 4; --smoke: 1)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--skip-cap", action="store_true", help="leave out (e), the memory cap check")
     args = parser.parse_args()
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
+    args.packed = args.packed or (2 if args.smoke else 4)
+    args.rounds = args.rounds or (1 if args.smoke else 4)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     from data_throughput import write_voc_tree
@@ -161,15 +167,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vt-pack-"))
     rows, checks = [], []
     try:
-        write_voc_tree(tmp / "voc", 64)
+        write_voc_tree(tmp / "voc", VOC_SCENES[args.smoke])
         build_voc(tmp / "voc", "train", 64)  # the decoded cache, built once before any 'trial', as the driver does
         for name in args.models:
-            alone = run_processes(train_worker, [(name, args.device, 1.0, cores, "bf16", str(tmp / "voc"), args.tiny,
-                                                  args.rounds)])
-            fp32 = run_processes(train_worker, [(name, args.device, 1.0, cores, "fp32", str(tmp / "voc"), args.tiny,
-                                                 args.rounds)])
+            threads = max(1, cores // 2) if args.smoke else cores
+            alone, fp32 = ([(name, args.device, 1.0, threads, precision, str(tmp / "voc"), args.smoke, args.rounds)]
+                           for precision in ("bf16", "fp32"))
+            if args.smoke:  # side by side, half the cores each: the code path only, in half the time
+                found = run_processes(train_worker, alone + fp32)
+                alone, fp32 = ([r for r in found if r["precision"] == precision] for precision in ("bf16", "fp32"))
+            else:
+                alone, fp32 = run_processes(train_worker, alone), run_processes(train_worker, fp32)
             packed = run_processes(train_worker, [(name, args.device, share, max(1, cores // args.packed), "bf16",
-                                                   str(tmp / "voc"), args.tiny, args.rounds)] * args.packed,
+                                                   str(tmp / "voc"), args.smoke, args.rounds)] * args.packed,
                                    barrier_count=args.packed)
             for result in alone + fp32 + packed:
                 if "error" in result:
@@ -206,11 +216,13 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     for row in rows:
         print(table([row]))
-    path = write_json("gpu_packing", {"args": vars(args), "rows": rows, "checks": checks})
+    path = write_json("gpu_packing", {"args": vars(args), "rows": rows, "checks": checks}, smoke=args.smoke)
     print(f"json: {path}")
     for label, ok in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {label}")
-    raise SystemExit(0 if all(ok for _, ok in checks) else 1)
+    met = sum(ok for _, ok in checks)
+    print(f"goals met: {met} of {len(checks)}" + (" (smoke: not enforced)" if args.smoke else ""))
+    raise SystemExit(0 if args.smoke or all(ok for _, ok in checks) else 1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ resident set sampled every millisecond (after malloc_trim), so it counts activat
 
     python benchmarks/model_throughput.py                         # CPU, small batches (a few minutes)
     python benchmarks/model_throughput.py --device cuda --amp both --channels-last both --batch-scale 8
+    python benchmarks/model_throughput.py --smoke                 # one model of each kind, batch 2, one step
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from vision_models import build_model
 SHAPES = {"vgg16": (3, 32, 32, 10), "resnet18": (3, 32, 32, 10), "resnet34": (3, 32, 16, 10),
           "resnet50": (3, 32, 8, 10), "conv_vae": (1, 28, 64, 0), "unet_resnet50": (3, 64, 4, 21),
           "segnet_vgg16": (3, 64, 4, 21)}
+SMOKE_MODELS = ["vgg16", "resnet18", "conv_vae", "unet_resnet50", "segnet_vgg16"]  # one of each kind of pair
 
 
 def cifar_resnet(depth: str, num_classes: int) -> nn.Module:
@@ -189,14 +191,19 @@ def measure(ours: Runner, ref: Runner | None, steps: int, rounds: int, batch: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--models", nargs="+", choices=list(SHAPES), help="default: all (--smoke: one of each kind)")
     parser.add_argument("--batch-scale", type=int, default=1, help="multiply the small CPU batches (e.g. 8 on a GPU)")
     parser.add_argument("--steps", type=int, default=1, help="steps per timed window")
     parser.add_argument("--rounds", type=int, default=16, help="timed windows per model (alternating)")
     parser.add_argument("--amp", default="off", choices=("off", "on", "both"), help="bf16 autocast (CUDA only)")
     parser.add_argument("--channels-last", default="off", choices=("off", "on", "both"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--smoke", action="store_true",
+                        help="one model of each kind, batch 2 at 32x32, one window of one step: not a measurement")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 1, 1
+    args.models = args.models or (SMOKE_MODELS if args.smoke else list(SHAPES))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     torch.set_num_threads(args.threads)
@@ -208,7 +215,7 @@ def main() -> None:
     rows = []
     for row_name, build_ours, ref_name, build_ref, shape_key in pairs(args.models):
         channels, size, batch, _ = SHAPES[shape_key]
-        batch *= args.batch_scale
+        size, batch = (min(size, 32), min(batch, 2)) if args.smoke else (size, batch * args.batch_scale)
         torch.manual_seed(0)
         images = torch.rand(batch, channels, size, size, device=device)
         for amp in amps:
@@ -226,7 +233,7 @@ def main() -> None:
     columns = ["model", "reference", "amp", "channels_last", "batch", "size", "ours_img_s", "ref_img_s", "ratio",
                "ours_mem_mib", "ref_mem_mib", "mem_ratio"]
     print(table(rows, columns))
-    path = write_json("model_throughput", {"args": vars(args), "rows": rows})
+    path = write_json("model_throughput", {"args": vars(args), "rows": rows}, smoke=args.smoke)
     ratios = [row["ratio"] for row in rows if "ratio" in row]
     print(f"json: {path}")
     print(f"lowest ratio ours/reference: {min(ratios):.3f}" if ratios else "no reference pairs measured")

@@ -1,8 +1,9 @@
 """What does a study through our runner cost over the same training in a plain process pool?
 
-N trials of the VAE on embedded mnist5k (our trainable: 4+ epochs, a checkpoint per epoch, end-of-trial
-artifacts and the MLflow model folder, which run_trial writes in every way), each calibrated to about T seconds of training, run four ways (five with --ways ... reuse) with
-the same parallelism P:
+N trials of the VAE on embedded mnist5k (our trainable: 4+ epochs, a checkpoint per epoch (--checkpoint-every 1;
+auto, the runner's default, writes only the last one at these lengths), end-of-trial artifacts, which run_trial
+writes in every way), each calibrated to about T seconds of training, run four ways (five with --ways ... reuse)
+with the same parallelism P:
   (a) ours:   run_study (Ray Tune, reuse_actors, CheckpointConfig(num_to_keep=2), MLflow on sqlite: a parent
               run, nested trial runs with dataset inputs, final checkpoints and models uploaded off Tune's loop)
   (b) pool:   ProcessPoolExecutor(P) (spawn: workers import torch, as Ray's do) calling run_trial with
@@ -18,14 +19,17 @@ run in a fresh Python process each (imports done before timing, as for (b) and (
 Ray itself as in a CLI run (its MLflow set-up overlaps that start). (a) logs into an MLflow database that
 already exists, as after a first study; creating a new one (schema migrations, once) is timed apart.
 Ray runs its workers at niceness 15; the pool's workers and Optuna's trial threads get the same (--nice),
-so that on a shared machine other users' load slows every way alike. For (a) and (e) the driver's time in Tune's
+so that on a shared machine other users' load slows every way alike. For (d) and (e) the driver's time in Tune's
 experiment snapshots is counted apart for those ``num_to_keep`` forces (Tune's "snapshotting has been triggered
-multiple times ... may become a bottleneck" warning, which the runner silences on this evidence).
+multiple times ... may become a bottleneck" warning, which the runner silences on this evidence); (e) keeps the
+checkpoints as (a) does. Tune's public hooks show them (a Callback and a Stopper: benchmarks/snapshot_clock.py).
 
     python benchmarks/tune_overhead.py                       # 8 trials of ~7 s, 2 rounds (ABBA): ~6.5 min on 2 cores
     python benchmarks/tune_overhead.py --lengths 2           # ~3.5 min
     python benchmarks/tune_overhead.py --lengths 30 --repeats 1   # ~10 min: 8 trials of 10 epochs
     python benchmarks/tune_overhead.py --ways pool ours reuse --repeats 4   # ours vs Ray Tune's own floor
+    python benchmarks/tune_overhead.py --smoke    # pool, ours, optuna, reuse once, 2 trials of 2 epochs of 1 step:
+                                                  # the code path (plain is reuse's with 2 settings), no measurement
 
 Defaults measure ~7-s trials only, in two rounds, to stay under 10 minutes on 2 cores (8 trials x 3 lengths
 x 4 ways is over 10 minutes of training alone); the ~2-s and ~30-s figures come from the flags above.
@@ -60,12 +64,13 @@ STUDY = "bench_ours"
 BATCH = 64
 
 
-def vae_config(root: str, steps: int, epochs: int, seed: int = 0) -> dict:
-    """The trial: a small fixed VAE workload; only the seed differs between trials."""
+def vae_config(root: str, steps: int, epochs: int, every: str, seed: int = 0) -> dict:
+    """The trial: a small fixed VAE workload, a checkpoint ``every`` (--checkpoint-every); only the seed differs
+    between trials."""
     from trainables import VAEConfig
 
     return VAEConfig(dataset="mnist5k", image_size=28, batch_size=BATCH, epochs=epochs, steps_per_epoch=steps,
-                     val_samples=128, feature_samples=64, seed=seed, data_root=root).to_dict()
+                     val_samples=128, feature_samples=64, seed=seed, data_root=root, checkpoint_every=every).to_dict()
 
 
 def local_trial(config: dict, out_dir: str) -> tuple[float, float]:
@@ -78,21 +83,21 @@ def local_trial(config: dict, out_dir: str) -> tuple[float, float]:
     return time.perf_counter() - start, metrics["val/loss"]
 
 
-def _calibration_runs(root: str, epochs: int, out_dir: str) -> tuple[float, float]:
+def _calibration_runs(root: str, epochs: int, every: str, out_dir: str) -> tuple[float, float]:
     """(seconds of a 1-step trial, seconds of a 12-step trial) after a warm-up trial, in one worker."""
-    local_trial(vae_config(root, 1, epochs), f"{out_dir}/warm")  # data cache, first-call costs
-    fixed = min(local_trial(vae_config(root, 1, epochs), f"{out_dir}/f{i}")[0] for i in range(2))
-    return fixed, local_trial(vae_config(root, 12, epochs), f"{out_dir}/l")[0]
+    local_trial(vae_config(root, 1, epochs, every), f"{out_dir}/warm")  # data cache, first-call costs
+    fixed = min(local_trial(vae_config(root, 1, epochs, every), f"{out_dir}/f{i}")[0] for i in range(2))
+    return fixed, local_trial(vae_config(root, 12, epochs, every), f"{out_dir}/l")[0]
 
 
-def calibrate(root: str, epochs: int, lengths: list[float], workers: int) -> dict[float, tuple[int, int]]:
+def calibrate(root: str, epochs: int, every: str, lengths: list[float], workers: int) -> dict[float, tuple[int, int]]:
     """(steps_per_epoch, epochs) per target length, timed in a pool of ``workers`` running side by side (as the
     trials will, so that sharing the cores is part of the per-step time). An epoch is at most one pass over
     mnist5k's 4,000 training digits (62 batches), so long trials get more epochs rather than longer ones."""
     tmp = tempfile.mkdtemp(prefix="vt-cal-")
     with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=_lower_priority, initargs=(NICE,)) as pool:
-        runs = list(pool.map(_calibration_runs, [root] * workers, [epochs] * workers,
+        runs = list(pool.map(_calibration_runs, [root] * workers, [epochs] * workers, [every] * workers,
                              [f"{tmp}/w{i}" for i in range(workers)]))
     shutil.rmtree(tmp, ignore_errors=True)
     fixed = sum(f for f, _ in runs) / workers
@@ -119,10 +124,9 @@ def _lower_priority(nice: int) -> None:
 
 def _clear_data_caches() -> None:
     """Forget mnist5k in this process, so that Optuna's trials load it as every other way's workers do."""
-    from trainables.data import classification
+    from trainables.data.classification import mnist5k_arrays
 
-    classification._mnist5k_arrays.cache_clear()
-    classification._embedded_tensors.cache_clear()
+    mnist5k_arrays.cache_clear()
 
 
 def run_pool(configs: list[dict], workers: int, tmp: Path) -> dict:
@@ -173,16 +177,17 @@ def child(way: str, workers: int, tmp: Path) -> dict:
     import ray
     from ray import tune
 
-    from studies import runner
+    from snapshot_clock import SnapshotClock
     from studies.runner import run_study
+    from studies.runner.preflight import KEEP_CHECKPOINTS
     from trainables import VAEConfig, train_vae
 
     configs = json.loads((tmp / "configs.json").read_text())
     seeds = tune.grid_search([c["seed"] for c in configs])
-    snapshots = _time_snapshots()
+    snapshots = None
     if way == "ours":  # as the CLI runs: run_study starts and stops Ray itself; those two calls are timed apart
         spent = [0.0]
-        runner._start_ray, ray.shutdown = _timed(runner._start_ray, spent), _timed(ray.shutdown, spent)
+        ray.init, ray.shutdown = _timed(ray.init, spent), _timed(ray.shutdown, spent)
         argv = ["--storage", str(tmp / "storage"), "--mlflow-uri", f"sqlite:///{tmp.parent}/mlflow.db",
                 "--cpus-per-trial", "1", "--max-concurrent", str(workers)]
         start = time.perf_counter()
@@ -195,45 +200,24 @@ def child(way: str, workers: int, tmp: Path) -> dict:
         ray.init(num_cpus=workers, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
         ray_start = time.perf_counter() - start
         start = time.perf_counter()
-        reuse = way == "reuse"
+        keep = KEEP_CHECKPOINTS if way == "reuse" else None
+        clock = SnapshotClock(keep)
         tuner = tune.Tuner(tune.with_resources(train_vae, {"cpu": 1}), param_space={**configs[0], "seed": seeds},
-                           tune_config=tune.TuneConfig(metric="val/loss", mode="min", reuse_actors=reuse),
+                           tune_config=tune.TuneConfig(metric="val/loss", mode="min", reuse_actors=way == "reuse"),
                            run_config=tune.RunConfig(
-                               name=f"bench_{way}", storage_path=str(tmp / "storage"),
-                               checkpoint_config=tune.CheckpointConfig(
-                                   num_to_keep=runner.KEEP_CHECKPOINTS if reuse else None)))
+                               name=f"bench_{way}", storage_path=str(tmp / "storage"), callbacks=[clock],
+                               stop=clock.stopper, checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)))
         result = {"trials_ok": sum(not r.error for r in tuner.fit())}
         wall = time.perf_counter() - start
         stop = time.perf_counter()
         ray.shutdown()
         ray_start += time.perf_counter() - stop
+        snapshots = clock.totals()
     kept = sorted((tmp / "storage").glob("*/*/checkpoint_*"))
     size = sum(f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file())
     return {"wall_s": wall, "ray_start_s": ray_start, **result, "checkpoints_kept": len(kept),
-            "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2), "snapshots": snapshots}
-
-
-def _time_snapshots() -> dict:
-    """Count Tune's experiment snapshots in this driver and the seconds its event loop spends in them, apart for
-    the ones ``CheckpointConfig(num_to_keep)`` forces (Tune's "snapshotting has been triggered multiple times")."""
-    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
-
-    spent = {"forced": 0, "forced_s": 0.0, "periodic": 0, "periodic_s": 0.0}
-    original = Manager.sync_up_experiment_state
-
-    def timed(self, save_fn, force: bool = False, wait: bool = False):
-        forced, before = force or self._should_force_sync_up, self._last_save_time
-        start = time.perf_counter()
-        try:
-            return original(self, save_fn, force=force, wait=wait)
-        finally:
-            if self._last_save_time != before:  # it did save (not skipped as too soon)
-                kind = "forced" if forced else "periodic"
-                spent[kind] += 1
-                spent[f"{kind}_s"] += time.perf_counter() - start
-
-    Manager.sync_up_experiment_state = timed
-    return spent
+            "checkpoint_mib": round(size / max(len(kept), 1) / 2**20, 2),
+            **({"snapshots": snapshots} if snapshots else {})}
 
 
 def _timed(function, spent: list[float]):
@@ -283,27 +267,33 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="trials at once (pool workers, Optuna n_jobs, CPUs)")
     parser.add_argument("--epochs", type=int, default=4, help="reports and checkpoints per trial (at least)")
+    parser.add_argument("--checkpoint-every", default="1", help="the trials' checkpoint policy (auto, N epochs, Ns)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds per length; odd rounds run in reverse order")
     parser.add_argument("--ways", nargs="+", default=list(DEFAULT_WAYS), choices=WAYS)
     parser.add_argument("--nice", type=int, default=NICE, help="niceness of pool workers and Optuna threads")
     parser.add_argument("--child", choices=("ours", "plain", "reuse"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="pool, ours, optuna and reuse once: 2 trials of 2 epochs "
+                        "of 1 step, one round; the code path, not a measurement")
     args = parser.parse_args()
     if args.child:
         print("CHILD-RESULT " + json.dumps(child(args.child, args.workers, args.tmp)))
         return
+    if args.smoke:
+        args.lengths, args.trials, args.epochs, args.repeats = [1.0], 2, 2, 1
+        args.ways = ["pool", "ours", "optuna", "reuse"]  # 2 epochs: two checkpoints can force a snapshot
     NICE = args.nice
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("trainables").setLevel(logging.WARNING)  # Optuna's trials run in this process
     ways = ["pool", *[w for w in args.ways if w != "pool"]]
     work = Path(tempfile.mkdtemp(prefix="vt-overhead-"))
     root = str(work / "data")
-    plan = calibrate(root, args.epochs, args.lengths, args.workers)
+    plan = calibrate(root, args.epochs, args.checkpoint_every, args.lengths, args.workers)
     new_db_s = new_mlflow_db(work / "mlflow.db") if "ours" in ways else None
     rows, raw = [], []
     for length in args.lengths:
         steps, epochs = plan[length]
-        configs = [vae_config(root, steps, epochs, seed) for seed in range(args.trials)]
+        configs = [vae_config(root, steps, epochs, args.checkpoint_every, seed) for seed in range(args.trials)]
         walls: dict[str, list[float]] = {w: [] for w in ways}
         starts: dict[str, list[float]] = {w: [] for w in ways}
         pool_trials: list[float] = []
@@ -322,7 +312,8 @@ def main() -> None:
         for way in ways:
             wall, ray_start = sum(walls[way]), sum(starts[way])
             per_round = "/".join(f"{w / b:.2f}" for w, b in zip(walls[way], walls["pool"]))
-            rows.append({"length": f"~{length:g} s", "epochs": epochs, "way": way, "pool_trial_s": sum(pool_trials) / len(pool_trials),
+            rows.append({"length": f"~{length:g} s", "epochs": epochs, "way": way,
+                         "pool_trial_s": sum(pool_trials) / len(pool_trials),
                          "wall_s": wall / args.repeats, "ray_start_s": ray_start / args.repeats,
                          "ratio": wall / pool, "ratio_with_start": (wall + ray_start) / pool, "per_round": per_round})
     runs = mlflow_runs(work / "mlflow.db") if "ours" in ways else {}
@@ -339,12 +330,15 @@ def main() -> None:
             print(f"({way}) experiment snapshots per study: {total['forced']:.0f} forced by num_to_keep, "
                   f"{total['forced_s']:.2f} s of the driver's loop; {total['periodic']:.0f} periodic, "
                   f"{total['periodic_s']:.2f} s")
-    name = "tune_overhead" + ("" if args.lengths == [7.0] else "_" + "_".join(f"{t:g}s" for t in args.lengths))
+    default = args.lengths == [7.0] or args.smoke
+    name = "tune_overhead" + ("" if default else "_" + "_".join(f"{t:g}s" for t in args.lengths))
     path = write_json(name, {"args": {k: str(v) for k, v in vars(args).items()}, "steps_and_epochs": plan,
-                                        "new_mlflow_db_s": new_db_s, "mlflow_runs": runs, "rows": rows, "runs": raw})
+                             "new_mlflow_db_s": new_db_s, "mlflow_runs": runs, "rows": rows, "runs": raw},
+                      smoke=args.smoke)
     print(f"json: {path}")
-    at7 = [r["ratio"] for r in rows if r["way"] == "ours" and r["length"] == "~7 s"]
-    print(f"ratio at 7 s: {at7[0]:.3f}" if at7 else "ratio at 7 s: nan (7 not in --lengths)")
+    at = 7.0 if 7.0 in args.lengths else args.lengths[0]
+    ratio = [r["ratio"] for r in rows if r["way"] == "ours" and r["length"] == f"~{at:g} s"]
+    print(f"ratio at {at:g} s: {ratio[0]:.3f}" if ratio else f"ratio at {at:g} s: nan (--ways without ours)")
 
 
 if __name__ == "__main__":
