@@ -87,7 +87,8 @@ def _free_port() -> int:
 def test_interrupted_study_is_recorded_honestly_and_resume_runs_each_trial_once(tmp_path, study_env):
     study, db = tmp_path / "results" / "vae_lr", tmp_path / "mlflow.db"
     first = study_command("vae_lr", "--quick", "--storage", str(tmp_path / "results"), "--mlflow-uri",
-                          f"sqlite:///{db}", "--epochs", str(EPOCHS), "--steps-per-epoch", "5", "--max-concurrent", "2")
+                          f"sqlite:///{db}", "--epochs", str(EPOCHS), "--steps-per-epoch", "5", "--max-concurrent", "2",
+                          "--checkpoint-every", "1")  # a checkpoint an epoch: Tune snapshots the study as often
 
     # 1. Ctrl-C once a trial has finished and others have not
     driver = _start(first, tmp_path, study_env, "sigint")

@@ -15,7 +15,7 @@ from analysis.remote import fetch_study
 from analysis.tables import short_id
 from conftest import ROOT, run_in_process, study_command
 from servers import free_port, mlflow_on_postgres, postgres, s3  # noqa: F401 (module-scoped fixtures)
-from studies.storage import StorageError, check_storage, remove_study
+from studies.runner.storage import StorageError, check_storage, remove_study
 
 # --quick and smaller still: vae_lr's 5 learning rates, one epoch of 2 batches each (~30 s on 2 cores)
 QUICK = ["--quick", "--epochs", "1", "--steps-per-epoch", "2", "--num-samples", "1"]

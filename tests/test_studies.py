@@ -123,7 +123,8 @@ def recorded_finished(storage) -> list[str]:
 def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
     storage = tmp_path / "results" / "vae_latent"
     args = ["--quick", "--storage", str(tmp_path / "results"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--max-concurrent", "1", *FAST["vae"]]
+            "--max-concurrent", "1", *FAST["vae"],
+            "--checkpoint-every", "1"]  # a checkpoint an epoch: Tune snapshots the study as often
     driver = subprocess.Popen(study_command("vae_latent", *args), cwd=tmp_path, env=study_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -160,10 +161,10 @@ def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env
 
 
 def test_a_study_whose_checkpoints_cannot_fit_fails_before_ray_starts(tmp_path, study_env):
-    # 3 optimizers x 10^5 samples x 2 kept checkpoints of SegNet (up to 338 MiB each with Adam): no disk holds it
+    # 3 optimizers x 10^5 samples x 2 kept checkpoints of SegNet (up to 338 MiB each with Adam: 675 MiB a trial): no disk holds it
     done = run_script("segnet_optimizers", tmp_path, study_env, "--num-samples", "100000")
     assert done.returncode != 0
-    assert "not enough disk" in done.stderr and "--storage" in done.stderr and "676 MiB" in done.stderr
+    assert "not enough disk" in done.stderr and "--storage" in done.stderr and "675 MiB" in done.stderr
     assert not (tmp_path / "results" / "segnet_optimizers").exists()
 
 
@@ -180,15 +181,17 @@ def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(t
     assert (results, models) == (KEEP_CHECKPOINTS * state, state)
     assert study_bytes(state, state // 3, 4, 10, "10", "all") == (4 * (state // 3), 4 * (state // 3))  # final only
     assert study_bytes(state, state // 3, 4, 10, "2", "none") == (4 * KEEP_CHECKPOINTS * state, 0)
-    check_disk(results, models, 1, "s3://bucket/results", uri)  # MLflow's copies alone fit
+    check_disk(0, models, 1, "s3://bucket/results", uri)  # MLflow's copies alone fit
     check_disk(results, models, 1, str(tmp_path / "results"), "http://127.0.0.1:5000")  # Tune's alone fit
     with pytest.raises(StorageError, match=r"--storage .*results.* \+ --mlflow-uri's artifacts .*mlartifacts"):
         check_disk(results, models, 1, str(tmp_path / "results"), uri)  # both on one disk do not
-    check_disk(10 * free, 10 * free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
+    check_disk(0, 10 * free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # a bucket and a server
+    with pytest.raises(StorageError, match=r"the local staging folder \(TMPDIR\) "):  # where trials stage uploads
+        check_disk(10 * free, 0, 1, "s3://bucket/results", "http://127.0.0.1:5000")
     assert local_artifact_root(uri) == tmp_path / "mlartifacts"
     assert local_artifact_root((tmp_path / "mlruns").as_uri()) == local_artifact_root(str(tmp_path / "mlruns"))
     assert local_artifact_root("databricks") is None
-    check_disk(free, free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # nothing local to check
+    check_disk(0, free, 1, "s3://bucket/results", "http://127.0.0.1:5000")  # only the staging folder is local
 
 
 def test_study_files_are_written_to_uri_storage_as_to_local_folders(tmp_path):

@@ -5,25 +5,26 @@ from trainables.config import CONFIGS, ClassifyConfig, ConfigError, OptimConfig,
 from trainables.tune_io import run_trial
 
 
-def train_classifier(config: dict) -> None:
-    """Tune trainable: image classification (CIFAR-10, MNIST, embedded digits)."""
+def train_classifier(config: dict, weights: list | None = None) -> None:
+    """Tune trainable: image classification (CIFAR-10, MNIST, embedded digits). ``weights``: pretrained files
+    from the driver (``trainables/pretrained.py``), put in Ray's object store by ``tune.with_parameters``."""
     from trainables.classify import TASK
 
-    run_trial(config, TASK)  # returns None: a returned dict would count as one more Tune result
+    run_trial(config, TASK, weights=weights)  # returns None: a returned dict would count as one more Tune result
 
 
-def train_vae(config: dict) -> None:
+def train_vae(config: dict, weights: list | None = None) -> None:
     """Tune trainable: convolutional VAE."""
     from trainables.vae import TASK
 
-    run_trial(config, TASK)  # returns None: a returned dict would count as one more Tune result
+    run_trial(config, TASK, weights=weights)  # returns None: a returned dict would count as one more Tune result
 
 
-def train_segmenter(config: dict) -> None:
+def train_segmenter(config: dict, weights: list | None = None) -> None:
     """Tune trainable: SegNet or ResNet50/U-Net segmentation."""
     from trainables.segment import TASK
 
-    run_trial(config, TASK)  # returns None: a returned dict would count as one more Tune result
+    run_trial(config, TASK, weights=weights)  # returns None: a returned dict would count as one more Tune result
 
 
 TRAINABLES = {ClassifyConfig: train_classifier, VAEConfig: train_vae, SegmentConfig: train_segmenter}

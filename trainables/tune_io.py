@@ -22,6 +22,8 @@ from trainables.lineage import DATASETS_KEY, dataset_inputs
 from trainables.loop import Hardware, fit
 from trainables.memory import apply_cap, out_of_memory
 from trainables.optim import build_optimizer, build_scheduler
+from trainables.pretrained import Weights
+from trainables.pretrained import install as install_weights
 from trainables.system import SystemMonitor
 from trainables.task import Task, make_loaders
 
@@ -103,10 +105,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_trial(config_dict: dict, task: Task, session=None) -> dict:
+def run_trial(config_dict: dict, task: Task, session=None, weights: list[Weights] | None = None) -> dict:
     """Seed, build, restore, train with one report per epoch and a checkpoint when the policy says (always
-    after the last epoch); returns the last metrics."""
+    after the last epoch); returns the last metrics. ``weights``: the driver's pretrained files, written into
+    this node's hub cache where it lacks them (a node that shares no disk with the driver)."""
     config = task.config_cls.from_dict(config_dict)  # nothing reads the raw dict after this line
+    install_weights(weights)
     if session is None:
         session = TuneSession() if in_tune_trial() else LocalSession(tempfile.mkdtemp(prefix="vision-tune-"))
     if session.cpus:

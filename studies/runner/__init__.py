@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,14 +16,15 @@ import pandas as pd
 
 from studies.runner import legacy
 from studies.runner.cli import apply_args, build_parser
-from studies.runner.errors import StudyInterrupted, TrialsFailed, cli_errors, flag_for_config_error
+from studies.runner.errors import StudyInterrupted, TrialsFailed, cli_errors, flag_for_config_error, redact
 from studies.runner.interrupts import stop_signals
 from studies.runner.mlflow_runs import parent_params
-from studies.runner.preflight import (check_data, check_disk, check_resources, check_weights, study_bytes,
-                                      trial_count)
+from studies.runner.preflight import (check_data, check_disk, check_resources, check_weights, shipped_weights,
+                                      study_bytes, trial_count)
 from studies.runner.record import (applied_changes, check_start, definition, invocation, now, read_record,
                                    remove_failed_start, resume_command, snapshot_statuses, updated, write_file)
 from studies.runner.space import check_space, largest_state
+from studies.runner.storage import remove_study, study_exists, trial_env
 from studies.runner.summary import failed_trials, print_summary, report_finding, summarize
 from studies.runner.tracking import StudyTracker, check_reachable, resolve_uri
 from studies.runner.tuner import (ApplyOnResume, KeepResultsOnRetry, MLflowCallback, PendingTimeout,  # noqa: F401
@@ -83,36 +83,36 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
                                 "first snapshot); start it again with --overwrite")
     check_reachable(uri)
     check_data(base)
-    check_weights(base, space)  # found or downloaded once here, before Ray: trials only read the cache
+    weights = shipped_weights(check_weights(base, space), args.address)  # found or downloaded once, here
     if not args.resume:
         check_disk(*study_bytes(*largest_state(base, space), study["trials"], base.epochs, base.checkpoint_every,
                                 args.log_models), study["trials"], storage, uri)
-        if args.overwrite and local and Path(study_dir).exists():
-            shutil.rmtree(study_dir)  # only now: a refused command must not have cost the old study
+        if args.overwrite and study_exists(study_dir):
+            remove_study(study_dir)  # only now: a refused command must not have cost the old study (S3 too)
     entry = invocation(args, uri, [*script, *argv])
     if args.resume:
         entry["applied"] = applied_changes(recorded, entry)
         for change in entry["applied"]:
             log.info("resume applies %s", change)
-    fresh = not args.resume and not (local and Path(study_dir).exists())
+    fresh = not args.resume and not study_exists(study_dir)
     record: dict = {}
     tracker = StudyTracker(uri, name, {"vision_tune.study": name})
-    tracker.plan(study_dir, parent_params(base.to_dict(), [sys.argv[0], *argv], metric, mode),
+    tracker.plan(study_dir, parent_params(base.to_dict(), [redact(a) for a in (sys.argv[0], *argv)], metric, mode),
                  *study_variants(base, space, args.search), task=base.TASK, log_models=args.log_models)
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
 
     with stop_signals() as stop:
-        started = start_ray(args.address)
+        started = start_ray(args.address, trial_env(args.storage) if args.address else None)
         stop.install()  # after ray.init, whose C++ handler would turn SIGTERM into an abort
         try:
             waiting = check_resources(cluster_nodes(), args.cpus_per_trial, args.gpus_per_trial, autoscaler(),
-                                      args.pending_timeout)
+                                      args.pending_timeout, args.extra_resources)
             if waiting:
                 log.warning(waiting)
             if args.resume:
-                tuner = restore_tuner(study_dir, base, args, tracker)
+                tuner = restore_tuner(study_dir, base, args, tracker, weights)
             else:
-                tuner = make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples)
+                tuner = make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples, weights)
             record = updated(recorded, study, entry)
             write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
             with stop.fitting():
@@ -120,7 +120,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
         except BaseException as err:
             # a second signal (Tune did not get to stop the trials) or an error: no run is left RUNNING
             _quietly(tracker.abandon, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            if not remove_failed_start(study_dir, fresh and local, err) and entry in record.get("invocations", []):
+            if not remove_failed_start(study_dir, fresh, err) and entry in record.get("invocations", []):
                 state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 entry.update(state=state, ended=now(), error=str(err)[:500])
                 write_file(f"{study_dir}/study.json", json.dumps({**record, "state": state}, indent=2, default=str))

@@ -20,6 +20,25 @@ QUICK = {
 }
 
 
+def resources_json(text: str) -> dict[str, float]:
+    """``--resources-per-trial``: a JSON object of custom resource names to amounts > 0 (CPU and GPU have flags)."""
+    import json
+
+    example = "e.g. '{\"worker\": 1}'"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON; expected an object of resource amounts, {example}")
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and
+                                              not isinstance(v, bool) and v > 0 for k, v in value.items()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an object of resource names to amounts > 0, {example}")
+    taken = sorted(set(value) & {"CPU", "GPU", "cpu", "gpu", "memory"})
+    if taken:
+        raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(taken)} have their own flags (--cpus-per-trial, "
+                                         "--gpus-per-trial); list only custom resources here")
+    return {key: float(amount) for key, amount in value.items()}
+
+
 def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     # a short usage line: argparse prints it above every flag error, and the full one is ~15 lines
     parser = argparse.ArgumentParser(prog=f"studies/{name}.py", description=doc, usage="%(prog)s [flags] (see --help)",
@@ -40,6 +59,9 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     res = parser.add_argument_group("resources and cluster")
     res.add_argument("--cpus-per-trial", type=float, default=1.0)
     res.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
+    res.add_argument("--resources-per-trial", dest="extra_resources", type=resources_json, default={}, metavar="JSON",
+                     help='custom Ray resources each trial needs, e.g. \'{"worker": 1}\' to place trials on the nodes '
+                          'started with --resources=\'{"worker": N}\'')
     res.add_argument("--address", help="join a running Ray cluster ('auto' or host:port); default: start a local Ray")
     res.add_argument("--pending-timeout", type=float, default=PENDING_TIMEOUT_S, metavar="S",
                      help="seconds trials may wait for a node with none running (0: forever)")

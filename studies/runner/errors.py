@@ -32,6 +32,17 @@ FIELD_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "image_size":
                "data_root": "--data-root", "checkpoint_every": "--checkpoint-every"}
 
 
+# user:password@ in a URI (a postgresql:// store, an http:// server behind basic auth)
+SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
+MASK = "***"
+
+
+def redact(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``: what the console, study.json and
+    MLflow params show (keep passwords in PGPASSWORD or ~/.pgpass to resume without typing them again)."""
+    return SECRET.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+
+
 class UsageError(ValueError):
     """A flag, or a combination of flags, that cannot work; the message starts with the flag as typed."""
 
@@ -135,6 +146,6 @@ def cli_errors(argv: list[str]) -> Iterator[None]:
         else:
             logging.getLogger("vision_tune").debug("traceback", exc_info=True)
         hint = "" if debug else f"(traceback: --debug or {DEBUG_ENV}=1)" if code == FAILURE else ""
-        first, _, rest = message.partition("\n")  # the hint ends the first line, the details follow it
+        first, _, rest = redact(message).partition("\n")  # the hint ends the first line, the details follow it
         print(f"error: {first}" + (f" {hint}" if hint else "") + (f"\n{rest}" if rest else ""), file=sys.stderr)
         sys.exit(code)

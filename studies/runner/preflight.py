@@ -5,7 +5,9 @@ error that names the flag, the value and what would be valid; the runner decides
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -45,14 +47,14 @@ def fits(request: dict, resources: dict) -> bool:
 
 
 def check_resources(nodes: list[dict], cpus: float, gpus: float, scaler: Autoscaler | None = None,
-                    timeout: float = PENDING_TIMEOUT_S) -> str | None:
+                    timeout: float = PENDING_TIMEOUT_S, extra: dict | None = None) -> str | None:
     """None when a live node can host one trial; a note when none can yet but the autoscaler may add one
     (the trials wait, up to ``timeout`` seconds); ResourceError at once when neither holds.
 
     ``nodes`` as ``ray.nodes()`` returns them; ``scaler`` what Ray publishes about its autoscaler (default:
     only what ``ray up``'s config on this machine says)."""
     scaler = scaler if scaler is not None else learn()
-    request = {"CPU": cpus, "GPU": gpus}
+    request = {"CPU": cpus, "GPU": gpus, **(extra or {})}
     live = [node["Resources"] for node in nodes if node["Alive"]]
     if any(fits(request, node) for node in live):
         return None
@@ -73,6 +75,12 @@ def check_resources(nodes: list[dict], cpus: float, gpus: float, scaler: Autosca
                 f"has more than {largest:g} ({total:g} {kind}s on {len(live)} node(s)); trials would stay PENDING "
                 "forever. "
                 f"Lower {flag}" + (" or add GPU worker nodes (see cluster.yaml)." if kind == "GPU" else "."))
+    for kind, wanted in (extra or {}).items():
+        if not any(node.get(kind, 0) >= wanted for node in candidates):
+            raise ResourceError(
+                f"--resources-per-trial asks for {wanted:g} {kind!r} per trial, but no node of this Ray cluster{scope} "
+                f"has that much ({'; '.join(shape(node) for node in candidates)}); trials would stay PENDING forever. "
+                f"Start a node with --resources='{{\"{kind}\": N}}', or drop it from --resources-per-trial.")
     raise ResourceError(
         f"--cpus-per-trial {cpus:g} --gpus-per-trial {gpus:g}: no single node of this Ray cluster{scope} has both "
         f"({'; '.join(shape(node) for node in candidates)}); trials would stay PENDING forever. Lower one of them.")
@@ -148,7 +156,10 @@ def check_disk(results: int, models: int, trials: int, storage: str, uri: str) -
     "No space left on device" (torch.save then reports a corrupt zip): ``results`` bytes of checkpoints under
     --storage (a local folder), ``models`` bytes in a local MLflow store's artifacts (``study_bytes``)."""
     state = results // max(trials, 1)
-    needs = [("--storage", Path(storage), results)] if "://" not in storage else []
+    needs = [("--storage", Path(storage), results)]
+    if "://" in storage:  # the bucket has room; trials stage each checkpoint in this node's TMPDIR before uploading
+        needs = [("the local staging folder (TMPDIR)", Path(tempfile.gettempdir()),
+                  min(trials, os.cpu_count() or 1) * state)]
     artifacts = local_artifact_root(uri)
     if artifacts is not None:
         needs.append(("--mlflow-uri's artifacts", artifacts, models))
@@ -180,6 +191,16 @@ def check_data(config: TrainConfig) -> None:
     for split in ("train", "val"):
         kwargs = {"train_split": config.train_split} if hasattr(config, "train_split") else {}
         build_dataset(config.dataset, split, config.data_root, config.image_size, download=config.download, **kwargs)
+
+
+def shipped_weights(files: list[str], address: str | None) -> list | None:
+    """The weights files, read for Ray's object store, when the study joins a cluster (whose other nodes may
+    share no disk with this one); None for a local Ray, whose trials read this machine's cache."""
+    if not files or not (address or os.environ.get("RAY_ADDRESS")):
+        return None
+    from trainables.pretrained import Weights
+
+    return [Weights.read(path) for path in files]
 
 
 def check_weights(base: TrainConfig, space: dict) -> list[str]:

@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import socket
 from pathlib import Path
 
-from studies.runner.errors import StudyInterrupted, UsageError
+from studies.runner.errors import MASK, StudyInterrupted, UsageError, redact
+from studies.runner.storage import has_trial_results, remove_study
 from studies.runner.space import describe
 from trainables import TrainConfig
 from analysis.ray_internals import SNAPSHOT_GLOB, parse_snapshot
@@ -45,9 +45,9 @@ def definition(name: str, base: TrainConfig, space: dict, metric: str, mode: str
 
 def invocation(args: argparse.Namespace, uri: str, command: list[str]) -> dict:
     """One run of the command: who, where, when, and the settings a resume may change."""
-    return {"argv": list(command), "cwd": os.getcwd(), "host": socket.gethostname(), "pid": os.getpid(),
-            "started": now(), "resume": bool(args.resume), "state": "running",
-            **{dest: (uri if dest == "mlflow_uri" else getattr(args, dest)) for dest, _ in APPLIED}}
+    return {"argv": [redact(arg) for arg in command], "cwd": os.getcwd(), "host": socket.gethostname(),
+            "pid": os.getpid(), "started": now(), "resume": bool(args.resume), "state": "running",
+            **{dest: (redact(uri) if dest == "mlflow_uri" else getattr(args, dest)) for dest, _ in APPLIED}}
 
 
 def _flat(value, prefix: str = "") -> dict:
@@ -108,14 +108,19 @@ def check_start(args: argparse.Namespace, recorded: dict | None, new: dict, stud
     check_resume(recorded, new, study_dir)
     if recorded.get("state") == "finished":
         log.info("%s had finished: --resume reruns nothing and prints its table again", study_dir)
-    return uri if args.mlflow_uri else recorded.get("mlflow_uri") or uri
+    if args.mlflow_uri:
+        return uri
+    if MASK in (recorded.get("mlflow_uri") or ""):
+        raise UsageError(f"--resume: the study logs to {recorded['mlflow_uri']}, recorded without its password: pass "
+                         "--mlflow-uri with it again (or keep it in PGPASSWORD / ~/.pgpass and out of the URI)")
+    return recorded.get("mlflow_uri") or uri
 
 
-def remove_failed_start(study_dir: str, fresh_local: bool, err: BaseException) -> bool:
-    """A start that failed before any trial reported leaves no folder that would block the corrected command;
-    returns whether it removed the folder."""
-    if fresh_local and not isinstance(err, StudyInterrupted) and not any(Path(study_dir).glob("*/result.json")):
-        shutil.rmtree(study_dir, ignore_errors=True)
+def remove_failed_start(study_dir: str, fresh: bool, err: BaseException) -> bool:
+    """A start that failed before any trial reported leaves no folder (or S3 prefix) that would block the
+    corrected command; returns whether it removed it."""
+    if fresh and not isinstance(err, StudyInterrupted) and not has_trial_results(study_dir):
+        remove_study(study_dir)
         return True
     return False
 

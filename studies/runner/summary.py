@@ -9,7 +9,7 @@ import pandas as pd
 
 from analysis.finding import Finding, judge
 from analysis.tune_state import outcome
-from studies.runner.errors import exception_message
+from studies.runner.errors import exception_message, redact
 from studies.runner.record import write_file
 from studies.runner.tracking import flatten
 from trainables.tune_io import CHECKPOINT_KEY
@@ -86,10 +86,10 @@ def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metr
         print("best config" + (" among the finished trials so far" if state else "") + ":",
               {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
     for line in mlflow_lines:  # the UI command and the URL of the study's runs (model-training view)
-        print(line)
+        print(redact(line))
     if not uri.startswith("sqlite:"):
         print("           (the tracking server; see README, 'Run on a cluster', for port forwarding)")
-    print(f"report:    python -m analysis {study_dir} --mlflow-uri {uri}")
+    print(f"report:    python -m analysis {study_dir} --mlflow-uri {redact(uri)}")
 
 
 def report_finding(finding: Finding, table: pd.DataFrame, study_dir: str) -> None:

@@ -34,26 +34,25 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 
 class MLflowCallback(tune.Callback):
-    """Runs on the driver: one MLflow run per trial, nested in the study's (see ``tracking.py``); uploads of
-    final checkpoints and models run on the tracker's upload thread, off Tune's event loop."""
+    """Runs on the driver: one MLflow run per trial, nested in the study's (see ``tracking.py``). It only queues:
+    the tracker's thread sends the records, so a slow or absent tracking server never holds Tune's loop (and the
+    trials, whose reports wait for it)."""
 
     def __init__(self, tracker: StudyTracker) -> None:
         self.tracker = tracker
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.tracker.start(trial.trial_id, str(trial), trial.config)
+        self.tracker.trial_started(trial.trial_id, str(trial), trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.tracker.start(trial.trial_id, str(trial), trial.config)  # no-op unless restored mid-trial
-        self.tracker.log_result(trial.trial_id, result)
+        self.tracker.trial_started(trial.trial_id, str(trial), trial.config)  # no-op unless restored mid-trial
+        self.tracker.trial_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        checkpoint = trial.checkpoint.as_directory() if trial.checkpoint is not None else None
-        self.tracker.finish(trial.trial_id, "FINISHED", checkpoint=checkpoint, config=trial.config)
+        self.tracker.trial_ended(trial.trial_id, "FINISHED", checkpoint=trial.checkpoint, config=trial.config)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else None
-        self.tracker.finish(trial.trial_id, "FAILED", error=error)
+        self.tracker.trial_ended(trial.trial_id, "FAILED", error_file=trial.error_file)
 
 
 class KeepResultsOnRetry(tune.Callback):
@@ -147,11 +146,14 @@ def autoscaler() -> Autoscaler | None:
     return learn(autoscaling_status(), cluster_config(), now=time.time())
 
 
-def start_ray(address: str | None) -> bool:
-    """Join or start Ray; returns whether this call started it (and so should stop it)."""
+def start_ray(address: str | None, env_vars: dict[str, str] | None = None) -> bool:
+    """Join or start Ray; returns whether this call started it (and so should stop it). ``env_vars`` reach every
+    trial through the job's runtime_env (S3 settings for nodes whose own environment lacks them)."""
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING,
+             runtime_env=runtime_env)
     return True
 
 
@@ -164,12 +166,16 @@ def cluster_nodes() -> list[dict]:
     return ray.nodes()
 
 
-def trainable(base: TrainConfig, args):
-    return tune.with_resources(trainable_for(base), {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+def trainable(base: TrainConfig, args, weights: list | None = None):
+    """The task's trainable with the per-trial resources (custom ones too: --resources-per-trial) and, for nodes
+    that share no disk with the driver, its pretrained weights files in Ray's object store."""
+    function = tune.with_parameters(trainable_for(base), weights=weights) if weights else trainable_for(base)
+    return tune.with_resources(function, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial,
+                                          **getattr(args, "extra_resources", {})})
 
 
 def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str, args, storage: str,
-               tracker: StudyTracker, default_samples: int | None) -> tune.Tuner:
+               tracker: StudyTracker, default_samples: int | None, weights: list | None = None) -> tune.Tuner:
     """The study's Tuner: BASE + SPACE as Tune's param space, the search and scheduler the flags chose."""
     param_space = merge_space(base.to_dict(), space)
     search_alg, samples = None, (args.num_samples or 1)
@@ -192,18 +198,20 @@ def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str
     tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
                                   scheduler=scheduler, max_concurrent_trials=args.max_concurrent,
                                   reuse_actors=True, trial_dirname_creator=trial_dirname)
-    return tune.Tuner(trainable(base, args), param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable(base, args, weights), param_space=param_space, tune_config=tune_config,
+                      run_config=run_config)
 
 
 def can_restore(study_dir: str) -> bool:
     return tune.Tuner.can_restore(study_dir)
 
 
-def restore_tuner(study_dir: str, base: TrainConfig, args, tracker: StudyTracker) -> tune.Tuner:
+def restore_tuner(study_dir: str, base: TrainConfig, args, tracker: StudyTracker,
+                  weights: list | None = None) -> tune.Tuner:
     """The study's Tuner from its snapshot, with what a resume honours put into the restored run config: Tune
     keeps the first run's callbacks and failure config in its pickled state, so the new MLflow URI, retries and
     resources go in here (Tuner has no public setter: ``restored_run_config``)."""
-    tuner = tune.Tuner.restore(study_dir, trainable=trainable(base, args))
+    tuner = tune.Tuner.restore(study_dir, trainable=trainable(base, args, weights))
     run_config = restored_run_config(tuner)
     run_config.callbacks = [MLflowCallback(tracker) if isinstance(c, MLflowCallback) else c
                             for c in run_config.callbacks or [] if not isinstance(c, ApplyOnResume)]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from studies.runner.errors import UsageError
+from studies.runner.storage import check_storage as check_bucket
 
 CONNECT_TIMEOUT_S = 3.0
 STORAGE_TIMEOUT_S = 20.0  # an S3 URI resolves its bucket's region first: seconds, even when it fails
@@ -120,6 +121,8 @@ def check_storage(storage: str) -> None:
                              "folder you can write, or a shared path / s3:// URI on a cluster")
         return
     scheme = storage.split("://", 1)[0].lower()
+    if scheme == "s3":
+        check_bucket(storage)  # credentials, bucket, endpoint: one attempt, seconds, a message for each
     if scheme not in STORAGE_SCHEMES:
         raise UsageError(f"--storage {storage}: unknown scheme '{scheme}://'; valid are a local or shared folder, "
                          + ", ".join(f"{s}://" for s in STORAGE_SCHEMES))

@@ -10,12 +10,18 @@ import os
 import shutil
 from pathlib import Path
 
+from studies.runner.errors import UsageError
+
 CONNECT_TIMEOUT_S = 3
+# what boto3 and pyarrow read to reach S3: forwarded to the trials of a cluster through Ray's runtime_env when the
+# driver has them (nodes with an instance role or their own environment need none)
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED")
 READ_TIMEOUT_S = 10
 
 
-class StorageError(ValueError):
-    """A ``--storage`` the study cannot use, in one line that names it and says what to do."""
+class StorageError(UsageError):
+    """A ``--storage`` the study cannot use, in one line that names it and says what to do (exit code 2)."""
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -101,3 +107,35 @@ def remove_study(study_dir: str) -> None:
             if failed:
                 raise StorageError(f"--overwrite: {len(failed)} object(s) of {study_dir} could not be removed, e.g. "
                                    f"{failed[0].get('Key')}: {failed[0].get('Code')} {failed[0].get('Message')}")
+
+
+def _filesystem(study_dir: str):
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(study_dir if "://" in study_dir else Path(study_dir).expanduser().resolve().as_uri())
+
+
+def study_exists(study_dir: str) -> bool:
+    """Whether anything is stored at the study's folder or prefix."""
+    from pyarrow import fs
+
+    filesystem, path = _filesystem(study_dir)
+    return filesystem.get_file_info(path).type != fs.FileType.NotFound
+
+
+def has_trial_results(study_dir: str) -> bool:
+    """Whether any trial of the study reported (a ``<trial>/result.json`` with content)."""
+    from pyarrow import fs
+
+    filesystem, path = _filesystem(study_dir)
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        return False
+    infos = filesystem.get_file_info(fs.FileSelector(path, recursive=True, allow_not_found=True))
+    return any(info.base_name == "result.json" and info.size for info in infos)
+
+
+def trial_env(storage: str) -> dict[str, str]:
+    """The driver's S3 settings that trials on other nodes need to write an ``s3://`` storage (none otherwise)."""
+    if not storage.startswith("s3://"):
+        return {}
+    return {name: os.environ[name] for name in S3_SETTINGS if os.environ.get(name)}
