@@ -190,3 +190,68 @@ def test_mlflow_on_postgres_with_artifacts_in_s3(s3, postgres, mlflow_on_postgre
     for (location,) in models:
         assert location.startswith("mlflow-artifacts:/")
         assert f"mlflow/{location[len('mlflow-artifacts:/'):].strip('/')}/MLmodel" in keys
+
+
+def _bucket_epochs(s3, bucket: str, prefix: str) -> dict[str, list[int]]:
+    """Trial folder -> the epochs of its result.json in the bucket."""
+    found = {}
+    for key in s3.keys(bucket, prefix):
+        if key.endswith("/result.json"):
+            body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            found[key.split("/")[-2]] = [json.loads(line)["epoch"] for line in body.splitlines() if line.strip()]
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_the_bucket_and_overwrite_clears_it(s3, postgres, tmp_path):
+    """The driver SIGKILLed mid-study (its Ray with it), then --resume: every trial ends with each epoch once in
+    the bucket and in MLflow (on PostgreSQL, through a URI whose password never shows); --overwrite then removes
+    the old study's objects."""
+    import signal
+
+    s3.make_bucket("resumable")
+    secret_uri = postgres.create_database("resumable").replace("postgresql://postgres@",
+                                                               "postgresql://postgres:Sh0uldNotLeak@")
+    args = ["--quick", "--epochs", "3", "--steps-per-epoch", "10", "--max-concurrent", "1", "--checkpoint-every", "1",
+            "--storage", "s3://resumable/vt", "--mlflow-uri", secret_uri]
+    env = study_env(s3)
+    driver = subprocess.Popen(study_command("vae_lr", *args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        epochs = _bucket_epochs(s3, "resumable", "vt/vae_lr/")
+        if sum(len(e) for e in epochs.values()) >= 4 and any(len(e) < 3 for e in epochs.values()):
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, "the study ended before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
+    driver.wait()
+    record = json.loads(s3.client().get_object(Bucket="resumable", Key="vt/vae_lr/study.json")["Body"].read())
+    assert "Sh0uldNotLeak" not in json.dumps(record) and "postgres:***@" in record["mlflow_uri"]
+
+    resume = [a for a in args if a not in ("--mlflow-uri", secret_uri)] + ["--resume"]
+    refused = subprocess.run(study_command("vae_lr", *resume), env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "recorded without its password: pass --mlflow-uri" in refused.stderr
+    done = subprocess.run(study_command("vae_lr", *resume, "--mlflow-uri", secret_uri), env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Sh0uldNotLeak" not in done.stdout + done.stderr and "postgres:***@" in done.stdout
+    epochs = _bucket_epochs(s3, "resumable", "vt/vae_lr/")
+    assert len(epochs) == 5 and all(sorted(set(e)) == [1, 2, 3] for e in epochs.values()), epochs
+    runs = postgres.query("resumable", "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                          "WHERE t.key = 'vision_tune.trial_id'")
+    assert len(runs) == 5  # one run per trial, the resumed ones continued
+    for (run,) in runs:
+        steps = [step for (step,) in postgres.query("resumable", "SELECT step FROM metrics WHERE run_uuid = %s AND "
+                                                    "key = 'val/loss' ORDER BY step", (run,))]
+        assert steps == [1, 2, 3], (run, steps)
+    params = postgres.query("resumable", "SELECT value FROM params WHERE key = 'argv'")
+    assert params and not any("Sh0uldNotLeak" in value for (value,) in params)
+
+    again = subprocess.run(study_command("vae_lr", *QUICK, "--storage", "s3://resumable/vt", "--overwrite",
+                                         "--mlflow-uri", f"sqlite:///{tmp_path / 'other.db'}"),
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    epochs = _bucket_epochs(s3, "resumable", "vt/vae_lr/")
+    assert len(epochs) == 5 and all(e == [1] for e in epochs.values()), epochs  # the old trials are gone
