@@ -29,6 +29,7 @@ from trainables.task import Task, make_loaders
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "checkpoint_epoch"  # reported every epoch: the epoch of the trial's newest checkpoint
+COST_KEY = "checkpoint_s"  # reported after a checkpoint: the seconds it took to write and report (upload included)
 
 
 class TuneSession:
@@ -141,6 +142,8 @@ def run_trial(config_dict: dict, task: Task, session=None, weights: list[Weights
         metrics.update(monitor.epoch_figures())
         # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
         extra = {} if reported else {DATASETS_KEY: datasets}
+        if last.get("cost_s") is not None:  # the previous checkpoint's cost, write and upload: known only now
+            extra[COST_KEY] = last.pop("cost_s")
         reported.append(epoch)
         if not policy.due(epoch, last["epoch"], config.epochs, time.perf_counter() - last["time"]):
             session.report({**metrics, **extra, CHECKPOINT_KEY: last["epoch"]}, None)
@@ -159,7 +162,7 @@ def run_trial(config_dict: dict, task: Task, session=None, weights: list[Weights
                 torch.save(built.val_set[0][0].unsqueeze(0).cpu(), folder / EXAMPLE_FILE)  # (1,C,H,W): the model's input
             session.report({**metrics, **extra, CHECKPOINT_KEY: epoch}, folder)
         policy.saved(time.perf_counter() - began)
-        last.update(epoch=epoch, time=time.perf_counter())
+        last.update(epoch=epoch, time=time.perf_counter(), cost_s=policy.cost_s)
 
     describe = json.dumps(config.to_dict(), sort_keys=True)
     try:
