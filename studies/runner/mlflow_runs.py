@@ -68,6 +68,14 @@ def why(err: BaseException) -> str:
     return found.group(1).strip() if found else ((text.strip().splitlines() or [type(err).__name__])[-1][:200])
 
 
+def masked(uri: str) -> str:
+    """The URI as printed: a password in it (``postgresql://user:secret@host/db``) as ``***`` (``errors.redact``,
+    imported here: ``errors`` imports the pre-flight, which imports this module through ``tracking``)."""
+    from studies.runner.errors import redact
+
+    return redact(uri)
+
+
 def clock(seconds: float) -> str:
     return time.strftime(TIME_FORMAT, time.localtime(seconds))
 
@@ -180,7 +188,7 @@ class TrackingQueue:
             self.away_since = self._unreachable_since
         reason = why(err)
         log.warning("MLflow tracking away since %s: %s does not answer (%s); the study goes on, its records wait "
-                    "in order", clock(self.away_since), self.uri, reason)
+                    "in order", clock(self.away_since), masked(self.uri), reason)
 
     def _wait_until_back(self) -> None:
         delay = 1.0

@@ -34,8 +34,8 @@ from analysis.naming import VariantNames
 from analysis.naming import flatten as flat_config
 from studies.runner.export import MODEL_DIR, export_checkpoint, exportable
 from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, TrackingQueue, answers, best_trial_id, clock,
-                                        log_dataset_inputs, log_model_folder, logged_model_id, refused, register,
-                                        short_http_retries, trial_id_of)
+                                        log_dataset_inputs, log_model_folder, logged_model_id, masked, refused,
+                                        register, short_http_retries, trial_id_of)
 from trainables.checkpoints import ARTIFACTS
 from trainables.lineage import DATASETS_KEY
 
@@ -115,10 +115,7 @@ def drain_seconds() -> float:
 
 def replay_command(study_dir: str, uri: str) -> str:
     """The command that sends a study's results to MLflow (a password in the URI masked: put it back)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password:
-        uri = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-    return shlex.join(["python", "-m", "studies.runner.replay", study_dir, "--mlflow-uri", uri])
+    return shlex.join(["python", "-m", "studies.runner.replay", study_dir, "--mlflow-uri", masked(uri)])
 
 
 @dataclass(frozen=True)
@@ -131,7 +128,7 @@ class IncompleteRuns:
 
     def lines(self, uri: str) -> list[str]:
         named = f": {', '.join(self.trials)}" if self.trials else ""
-        return [f"MLflow: {uri} away since {self.since}: {len(self.trials)} trial run(s) left incomplete{named}, and "
+        return [f"MLflow: {masked(uri)} away since {self.since}: {len(self.trials)} trial run(s) left incomplete{named}, and "
                 "the study's run; the results are complete. Once it answers, replay them:", f"  {self.command}"]
 
 
