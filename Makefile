@@ -11,7 +11,7 @@ LOCK   := requirements.lock
 LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --extra gpu -c constraints.txt \
 	--generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: demo test install lock clean
+.PHONY: demo cluster-demo test install lock clean
 # the UI opens MLflow 3's GenAI overview (traces, none here); this URL opens the study's runs table instead
 export RUNS_URL := import sys; from analysis.mlflow_store import open_client, runs_url; \
 	print(runs_url(sys.argv[1], open_client(sys.argv[1]).get_experiment_by_name(sys.argv[2]).experiment_id))
@@ -43,6 +43,11 @@ demo: $(STAMP)
 	@echo "Report:         $(STORAGE)/seg_optimizers/report/index.html"
 	@echo "MLflow UI:      $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_DB)"
 	@echo "MLflow runs:    $$($(PY) -c "$$RUNS_URL" sqlite:///$(MLFLOW_DB) seg_optimizers)  (the study's runs table, once the UI is up)"
+
+# The README's cluster set-up on this machine: S3 (moto), PostgreSQL, an MLflow server on both, a two-node Ray;
+# a quick study on them, what it cost in S3 (bytes, requests, checkpoint time), then everything stopped.
+cluster-demo: $(STAMP)
+	$(PY) benchmarks/cluster_demo.py
 
 # two workers, one module (or group of modules) at a time each: tests/conftest.py, pytest_xdist_make_scheduler
 test: $(STAMP)

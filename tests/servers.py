@@ -92,6 +92,7 @@ class S3:
 
     endpoint: str
     started_in_s: float = 0.0
+    log: Path | None = None  # the server's request log, one line a request
 
     @property
     def env(self) -> dict[str, str]:
@@ -124,7 +125,7 @@ def s3_server() -> Iterator[S3]:
     try:
         with _process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], "moto_server",
                       _answers(f"{endpoint}/"), folder / "log", cwd=folder) as seconds:
-            yield S3(endpoint, seconds)
+            yield S3(endpoint, seconds, folder / "log")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -254,3 +255,73 @@ def mlflow_on_postgres(s3: S3, postgres: Postgres) -> Iterator[MLflowServer]:
     bucket = s3.make_bucket("mlflow-artifacts")
     with mlflow_server(postgres.create_database("mlflow"), f"s3://{bucket}/mlflow", s3.env) as server:
         yield server
+
+
+@dataclass
+class RayCluster:
+    """A head and ``workers`` worker nodes of ``ray start --block``, each the leader of its own session."""
+
+    address: str
+    procs: list
+    env: dict[str, str]
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextlib.contextmanager
+def ray_cluster(workers: int = 1, cpus: int = 1, env: dict[str, str] | None = None) -> Iterator[RayCluster]:
+    """A local Ray cluster of separate nodes (``worker_node`` resources on the workers), stopped by session id:
+    ``ray stop`` would stop every Ray on the machine."""
+    import secrets
+
+    folder = Path(tempfile.mkdtemp(prefix="vt-ray-"))  # short: Ray's socket paths must fit in 107 bytes
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **(env or {}),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+
+    def node(name: str, args: list[str]) -> None:
+        ports = [arg for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+                 for arg in (flag, str(free_port()))]
+        log = folder / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args, "--num-cpus", str(cpus),
+                                     "--num-gpus", "0", "--temp-dir", str(folder / name), *ports],
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 150
+        while "Ray runtime started." not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray node {name} did not start; {log}:\n{_tail(log)}")
+            time.sleep(0.3)
+
+    try:
+        node("head", ["--head", "--port", str(port), "--include-dashboard=false", "--dashboard-port",
+                      str(free_port())])
+        for index in range(workers):
+            node(f"worker{index}", ["--address", f"127.0.0.1:{port}", "--resources", '{"worker_node": 1}'])
+        yield RayCluster(f"127.0.0.1:{port}", procs, env)
+    finally:
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+            for pid in _session_members(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -117,6 +117,18 @@ def test_tune_overhead_smoke(tmp_path):
     assert last.startswith("ratio at 1 s:") and last_number(last) == pytest.approx(rows["ours"]["ratio"], abs=1e-3)
 
 
+@pytest.mark.slow
+def test_cluster_demo_smoke(tmp_path):
+    """S3, PostgreSQL, MLflow and a two-node Ray started, a study on them, its costs measured, all stopped."""
+    result, last = smoke("cluster_demo", tmp_path, timeout=600)
+    figures = result["figures"]
+    assert figures["trials"] == 5 and figures["trial_epochs"] == 5
+    assert figures["bytes_per_trial_epoch"] > 10**6  # each trial's final weights went to the bucket
+    assert figures["s3_requests_per_trial_epoch"] > 1
+    assert Path(result["report"]).is_file()
+    assert last.startswith("checkpoint share of epoch time:")
+
+
 def test_gpu_check_sh_parses_and_summarises_only_this_runs_json():
     script = BENCHMARKS / "gpu_check.sh"
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
