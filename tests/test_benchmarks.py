@@ -117,6 +117,15 @@ def test_tune_overhead_smoke(tmp_path):
     assert last.startswith("ratio at 1 s:") and last_number(last) == pytest.approx(rows["ours"]["ratio"], abs=1e-3)
 
 
+def test_storage_cost_smoke(tmp_path):
+    result, last = smoke("storage_cost", tmp_path, timeout=180)
+    families = {row["family"]: row for row in result["families"]}
+    assert set(families) == {"resnet18", "conv_vae"}
+    for row in families.values():  # the last checkpoint is the weights only: a third of Adam's, half of SGD's
+        assert 0 < row["last_mb"] < row["mid_mb"] and row["estimate_error"] < 0.05 and 0 <= row["s3_share"] < 1
+    assert last == f"worst projected checkpoint share: {result['worst_share']:.4f} (goal <= 0.05)"
+
+
 @pytest.mark.slow
 def test_cluster_demo_smoke(tmp_path):
     """S3, PostgreSQL, MLflow and a two-node Ray started, a study on them, its costs measured, all stopped."""
