@@ -127,6 +127,16 @@ def test_storage_cost_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_scale_smoke(tmp_path):
+    result, last = smoke("scale", tmp_path, timeout=600)
+    rows = {row["way"]: row for row in result["rows"]}
+    assert rows["runner"]["ok"] == rows["bare Tuner"]["ok"] == 10
+    assert result["mlflow_runs"] == 11 and result["page_kib"] > 0  # ten trials and the study's parent run
+    assert last.startswith("runner / bare Tuner wall time at 10 trials:")
+    assert last_number(last.split("(")[0]) == pytest.approx(result["ratio"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_cluster_demo_smoke(tmp_path):
     """S3, PostgreSQL, MLflow and a two-node Ray started, a study on them, its costs measured, all stopped."""
     result, last = smoke("cluster_demo", tmp_path, timeout=600)
