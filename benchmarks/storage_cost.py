@@ -37,7 +37,7 @@ from common import ROOT, table, write_json  # first: puts the repository on sys.
 import torch
 
 from trainables import ClassifyConfig, OptimConfig, SegmentConfig, VAEConfig
-from trainables.checkpoints import AUTO_MIN_S, AUTO_RATIO, model_bytes, save_state
+from trainables.checkpoints import CheckpointPolicy, model_bytes, save_state
 from trainables.optim import build_optimizer
 from vision_models import build_model
 
@@ -97,12 +97,18 @@ def measure(name: str, config, repeats: int) -> dict:
             "save_mbps": mid / 1e6 / min(seconds)}
 
 
-def projected_share(cost_s: float, last_s: float, train_s: float) -> float:
-    """Checkpointing's share of a trial under the auto policy: one of ``cost_s`` every max(60 s, 19 x cost) of
-    training, and the last one (weights only) of ``last_s`` after the last epoch."""
-    interval = max(AUTO_MIN_S, AUTO_RATIO * cost_s)
-    spent = int(train_s // interval) * cost_s + last_s
-    return spent / (train_s + spent)
+def projected_share(cost_s: float, last_s: float, epoch_s: float, epochs: int) -> float:
+    """Checkpointing's share of a trial under the default policy, by running the trial's own ``CheckpointPolicy``
+    over ``epochs`` epochs of ``epoch_s``: mid-trial checkpoints cost ``cost_s``, the last (weights only) ``last_s``."""
+    policy = CheckpointPolicy.parse("auto", 0)
+    spent, last_epoch, trained = 0.0, 0, 0.0
+    for epoch in range(1, epochs + 1):
+        trained += epoch_s
+        if policy.due(epoch, last_epoch, epochs, trained):
+            cost = last_s if epoch == epochs else cost_s
+            policy.saved(cost)
+            spent, last_epoch, trained = spent + cost, epoch, 0.0
+    return spent / (epochs * epoch_s + spent)
 
 
 def folder_bytes(path: Path) -> int:
@@ -142,12 +148,12 @@ def main() -> None:
         flops = flops_per_image(config.model, {**config.model_kwargs(), **(
             {"pretrained": False} if "pretrained" in config.model_kwargs() else {})}, size, config.info.in_channels)
         ips = min(MAX_IPS, ANCHOR_IPS * anchor / flops)
-        train_s = epochs * images / ips
         row = {"family": name, "size": size, **measure(name, config, 1 if args.smoke else 3), "gpu_img_s": ips,
                "gpu_epoch_s": images / ips}
         local = (row["mid_mb"] / row["save_mbps"], row["last_mb"] / row["save_mbps"])
         s3 = (local[0] + row["mid_mb"] / S3_MBPS, local[1] + row["last_mb"] / S3_MBPS)
-        row.update(local_share=projected_share(*local, train_s), s3_share=projected_share(*s3, train_s),
+        row.update(local_share=projected_share(*local, images / ips, epochs),
+                   s3_share=projected_share(*s3, images / ips, epochs),
                    every_epoch_s3_share=s3[0] / (images / ips + s3[0]))
         rows.append(row)
     print(table(rows, ["family", "size", "mid_mb", "last_mb", "save_mbps", "gpu_img_s", "gpu_epoch_s",

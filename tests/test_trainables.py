@@ -127,6 +127,7 @@ def test_checkpoint_policy_by_epochs_seconds_and_measured_cost():
     assert auto.interval_s() == pytest.approx(190.0) and not auto.due(1, 0, 10, 189.0)
     auto.saved(0.5)  # measured: half a second, write and upload
     assert auto.interval_s() == 60.0  # the floor: not more often than once a minute
+    assert auto.due(9, 0, 10, 600.0) and not auto.due(9, 0, 10, 300.0)  # not when the end's is nearer (33 s)
     auto.saved(20.0)
     assert auto.interval_s() == pytest.approx(380.0)  # 19 x 20 s: checkpoints take 5% of the time
     for bad in ("0", "-1", "1.5", "every", "10m"):

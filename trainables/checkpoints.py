@@ -7,8 +7,9 @@ never resumed, and an optimizer's moments would double (Adam: triple) its size.
 
 The policy: every N epochs, every S seconds of training, or ``auto``: whenever the training since the last
 checkpoint has taken at least ``AUTO_RATIO`` times what the last checkpoint cost (its write and its upload to
-storage, measured), and at least ``AUTO_MIN_S`` seconds; so checkpointing costs at most 1/(1 + AUTO_RATIO) of
-a trial's time at any pace, a GPU's included, and a crash loses at most that much work.
+storage, measured), and at least ``AUTO_MIN_S`` seconds, unless the end (and its checkpoint) is nearer than that;
+so checkpointing costs at most 1/(1 + AUTO_RATIO) of a trial's time at any pace, a GPU's included, besides the
+last checkpoint, and a crash loses at most that much work.
 """
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ class CheckpointPolicy:
             return epoch - last_epoch >= self.epochs
         if self.seconds is not None:
             return trained_s >= self.seconds
-        return trained_s >= self.interval_s()
+        interval = self.interval_s()
+        remaining = (final_epoch - epoch) * trained_s / max(epoch - last_epoch, 1)  # at this pace
+        return trained_s >= interval and remaining >= interval  # else the last epoch's checkpoint comes first
 
     def saved(self, seconds: float) -> None:
         """What the checkpoint just written cost (write and report, the upload to storage included)."""
