@@ -128,8 +128,9 @@ class IncompleteRuns:
 
     def lines(self, uri: str) -> list[str]:
         named = f": {', '.join(self.trials)}" if self.trials else ""
-        return [f"MLflow: {masked(uri)} away since {self.since}: {len(self.trials)} trial run(s) left incomplete{named}, and "
-                "the study's run; the results are complete. Once it answers, replay them:", f"  {self.command}"]
+        return [f"MLflow: {masked(uri)} away since {self.since}: {len(self.trials)} trial run(s) left incomplete"
+                f"{named}, and the study's run; the results are complete. Once it answers, replay them:",
+                f"  {self.command}"]
 
 
 class StudyTracker:
