@@ -5,6 +5,8 @@ import struct
 import threading
 
 import numpy as np
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -316,6 +318,39 @@ def test_a_changed_mask_builds_a_new_cache(voc_root):
     train = build_dataset("voc", "train", voc_root, 32)
     assert len(_decoded_folders(voc_root)) == 2
     assert set(np.unique(train.arrays.sample(train.masks.index(str(path)))[1])) == {0, 12, 255}
+
+
+def test_old_caches_do_not_pile_up(voc_root):
+    """A new version of a data set's files removes its cache's older versions once unused for STALE_S, and any
+    cache of an older layout; a recently used older version (a study may still map it) and other sets stay."""
+    import json
+    import os
+    import time
+
+    from trainables.data import decoded as decoded_module
+
+    build_dataset("voc", "train", voc_root, 32)
+    (old,) = _decoded_folders(voc_root)
+    other = old.parent / "decoded-otherset"
+    shutil.copytree(old, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "name": "another data set"}))
+    layout = old.parent / "decoded-oldlayout"
+    shutil.copytree(old, layout)
+    (layout / "manifest.json").write_text(json.dumps({**manifest, "version": decoded_module.VERSION - 1}))
+    long_ago = time.time() - decoded_module.STALE_S - 60
+    for folder in (old, other):
+        for name in ("last_used", "manifest.json"):
+            os.utime(folder / name, (long_ago, long_ago))
+    path = _voc_base(voc_root) / "SegmentationClass" / "2008_000002.png"
+    mask = np.array(Image.open(path))
+    mask[mask == 7] = 12
+    png = Image.fromarray(mask)
+    png.putpalette(_voc_palette())
+    png.save(path)
+    build_dataset("voc", "train", voc_root, 32)
+    folders = set(_decoded_folders(voc_root))
+    assert old not in folders and layout not in folders and other in folders and len(folders) == 2
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip bytes"])

@@ -5,9 +5,12 @@ the cache, a sample is a slice of a memory map that every trial on the machine s
 cache. The cache folder is keyed like the validation marker (paths, sizes, mtimes of every listed file), so
 an edited, added or removed file builds a new one. It is written in a private folder, checksummed, and
 renamed into place; one that fails its size or CRC check on opening is deleted and rebuilt, never used.
+Caches do not pile up: building one removes the caches of an older layout (``VERSION``) and the older versions
+of the same data set (its files edited, added or removed) that no process has used for ``STALE_S`` seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 VERSION = 1  # bump when the layout below changes
 FILES = ("images.u8", "masks.u8", "index.npy")
 CRC_CHUNK = 64 * 2**20
+STALE_S = 600.0  # an older version of a data set's cache unused this long is removed (a study may still map it)
+USED = "last_used"  # touched by every process that opens the cache
 
 
 class DecodedArrays:
@@ -96,7 +101,7 @@ def _decode_into(images: np.memmap, masks: np.memmap, offset: int, image_path: s
     masks[offset:offset + height * width] = labels.reshape(-1)
 
 
-def _build(folder: Path, image_paths: Sequence[str], mask_paths: Sequence[str]) -> None:
+def _build(folder: Path, image_paths: Sequence[str], mask_paths: Sequence[str], name: str) -> None:
     """Decode every pair into a private folder next to ``folder``, then rename it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -117,8 +122,8 @@ def _build(folder: Path, image_paths: Sequence[str], mask_paths: Sequence[str]) 
         masks.flush()
         del images, masks
         np.save(tmp / "index.npy", np.column_stack([offsets, np.array(sizes, dtype=np.int64).reshape(-1, 2)]))
-        manifest = {"version": VERSION, "count": len(sizes), "sizes": {n: (tmp / n).stat().st_size for n in FILES},
-                    "crc32": {n: _crc(tmp / n) for n in FILES}}
+        manifest = {"version": VERSION, "name": name, "count": len(sizes),
+                    "sizes": {n: (tmp / n).stat().st_size for n in FILES}, "crc32": {n: _crc(tmp / n) for n in FILES}}
         (tmp / "manifest.json").write_text(json.dumps(manifest))  # last: its presence means the rest is complete
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the shared cache from other users
         try:
@@ -139,7 +144,32 @@ def decoded(image_paths: Sequence[str], mask_paths: Sequence[str], cache_dir: Pa
         shutil.rmtree(folder, ignore_errors=True)
     if not folder.is_dir():
         start = time.perf_counter()
-        _build(folder, image_paths, mask_paths)
+        _build(folder, image_paths, mask_paths, name)
         log.info("decoded %d images of %s into %s in %.1f s", len(image_paths), name, folder,
                  time.perf_counter() - start)
+        prune(Path(cache_dir), folder, name)
+    with contextlib.suppress(OSError):  # a read-only cache folder: it is simply never pruned
+        (folder / USED).touch()
     return DecodedArrays(folder)
+
+
+def prune(cache_dir: Path, keep: Path, name: str, stale_s: float = STALE_S) -> list[Path]:
+    """Remove the decoded caches in ``cache_dir`` that can no longer be used: another layout version, or an older
+    version of data set ``name`` unused for ``stale_s`` seconds. Returns what it removed."""
+    removed = []
+    for folder in Path(cache_dir).glob("decoded-*"):
+        if folder == keep or not folder.is_dir():
+            continue
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            used = max((folder / USED).stat().st_mtime if (folder / USED).exists() else 0.0,
+                       (folder / "manifest.json").stat().st_mtime)
+        except (OSError, ValueError):
+            continue  # being built by another process, or not ours
+        if manifest.get("version") == VERSION and (manifest.get("name") != name or time.time() - used < stale_s):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed the decoded cache %s (%s)", folder, "an older layout" if manifest.get("version") != VERSION
+                 else f"an older version of {name}")
+        removed.append(folder)
+    return removed
