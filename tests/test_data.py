@@ -1,12 +1,11 @@
 """Data sets read from folders written here in the real on-disk formats (VOC tree, MNIST IDX), never mocks."""
 import gzip
 import os
+import shutil
 import struct
 import threading
 
 import numpy as np
-import shutil
-
 import pytest
 import torch
 from PIL import Image
