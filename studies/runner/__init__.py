@@ -16,6 +16,7 @@ import pandas as pd
 
 from studies.runner import legacy
 from studies.runner.cli import apply_args, build_parser
+from studies.runner.console import Console
 from studies.runner.errors import StudyInterrupted, TrialsFailed, cli_errors, flag_for_config_error, redact
 from studies.runner.interrupts import stop_signals
 from studies.runner.mlflow_runs import parent_params
@@ -100,9 +101,10 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     tracker.plan(study_dir, parent_params(base.to_dict(), [redact(a) for a in (sys.argv[0], *argv)], metric, mode),
                  *study_variants(base, space, args.search), task=base.TASK, log_models=args.log_models)
     tracker.warm_up()  # MLflow's import and store set-up overlap Ray's start and the first workers' imports
+    console = None if args.verbose else Console(tracker.names, metric, mode, study["trials"], base.epochs)
 
     with stop_signals() as stop:
-        started = start_ray(args.address, trial_env(args.storage) if args.address else None)
+        started = start_ray(args.address, trial_env(args.storage) if args.address else None, args.verbose)
         stop.install()  # after ray.init, whose C++ handler would turn SIGTERM into an abort
         try:
             waiting = check_resources(cluster_nodes(), args.cpus_per_trial, args.gpus_per_trial, autoscaler(),
@@ -110,9 +112,10 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
             if waiting:
                 log.warning(waiting)
             if args.resume:
-                tuner = restore_tuner(study_dir, base, args, tracker, weights)
+                tuner = restore_tuner(study_dir, base, args, tracker, weights, console)
             else:
-                tuner = make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples, weights)
+                tuner = make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples, weights,
+                                   console)
             record = updated(recorded, study, entry)
             write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
             with stop.fitting():
@@ -129,7 +132,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
             if started:
                 stop_ray()
     statuses = snapshot_statuses(study_dir) if stop.signum else None
-    table = summarize(results, metric, mode, statuses)
+    table = summarize(results, metric, mode, statuses, tracker.names)
     table.attrs["study_dir"] = study_dir
     write_file(f"{study_dir}/trials.csv", table.to_csv(index=False))
     failed = len(failed_trials(table))

@@ -80,6 +80,7 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
                        "training (default auto: <= 5%% of the trial's time, at most one a minute; always one at the end)")
     track.add_argument("--log-models", choices=LOG_MODELS, default="best",
                        help="which trials' final models MLflow logs (built from their checkpoints; default: the best)")
+    track.add_argument("--verbose", action="store_true", help="Tune's own status table and the trials' log lines")
     track.add_argument("--debug", action="store_true", help="show the traceback of an error (or VISION_TUNE_DEBUG=1)")
     return parser
 

@@ -8,26 +8,31 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.finding import Finding, judge
+from analysis.naming import VariantNames
+from analysis.naming import flatten as flat_config
 from analysis.tune_state import outcome
 from studies.runner.errors import exception_message, redact
 from studies.runner.record import write_file
-from studies.runner.tracking import flatten
 from trainables.tune_io import CHECKPOINT_KEY
 
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
                 "val/recon", "val/kl", "val/elbo", "epoch")
 
 
-def summarize(results, metric: str, mode: str, statuses: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per trial: the hyperparameters that vary, status, final metrics; best first. ``statuses`` (Tune's
-    snapshot, after an interruption) tells finished trials from the ones a stop cut short."""
-    rows = []
-    for result in results:
-        config = flatten(result.config or {})
+def summarize(results, metric: str, mode: str, statuses: dict[str, str] | None = None,
+              names: VariantNames | None = None) -> pd.DataFrame:
+    """One row per trial: its name (``C adam lr=0.001``, #k for a variant's k-th seed, as in MLflow and the
+    console), the hyperparameters (typed), status, final metrics; best first. ``statuses`` (Tune's snapshot, after
+    an interruption) tells finished trials from the ones a stop cut short."""
+    rows, seen = [], {}
+    for result in sorted(results, key=lambda r: Path(r.path).name):
+        config = flat_config(result.config or {})  # typed: 64, not '64'; False, not 'False'
         folder = Path(result.path).name
         epochs_run = int((result.metrics or {}).get("training_iteration") or 0)
         status = outcome(None if statuses is None else statuses.get(folder, ""), bool(result.error), epochs_run)
-        row = {"trial": folder, "status": status,
+        name = names.run_name(config) if names is not None else folder
+        seen[name] = seen.get(name, 0) + 1
+        row = {"trial": folder, "name": name if seen[name] == 1 else f"{name} #{seen[name]}", "status": status,
                **{f"config/{k}": v for k, v in config.items()},
                **{k: (result.metrics or {}).get(k) for k in (*SUMMARY_KEYS, CHECKPOINT_KEY)}}
         if result.error:
@@ -65,13 +70,27 @@ def resume_redo(table: pd.DataFrame) -> tuple[int, int] | None:
     return (redo, len(cut)) if redo else None
 
 
+def nested(flat: dict) -> dict:
+    """{"optim/lr": np.float64(0.001)} -> {"optim": {"lr": 0.001}}: as the study's SPACE writes it."""
+    out: dict = {}
+    for key, value in flat.items():
+        *path, last = key.split("/")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value.item() if hasattr(value, "item") else value
+    return out
+
+
 def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int,
                   mlflow_lines: list[str]) -> None:
-    shown = ["trial", "status", *varied_columns(table), *[k for k in SUMMARY_KEYS if k in table.columns]]
+    shown = ["name" if "name" in table else "trial", "status", *[k for k in (metric, "epoch") if k in table.columns],
+             *varied_columns(table)]
     unfinished = len(table[table["status"].isin(("INTERRUPTED", "NOT_STARTED"))]) + max(0, expected - len(table))
     state = f", INCOMPLETE: {unfinished} of {max(expected, len(table))} unfinished" if unfinished else ""
     print(f"\n=== {name}: {len(table)} trial(s){state}, sorted by {metric} ===")
-    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(table[shown].rename(columns=lambda c: c.removeprefix("config/")).to_string(
+        index=False, max_colwidth=40, float_format=lambda v: f"{v:.4g}"))
     for _, failed in table[table["status"] == "ERROR"].iterrows():
         print(f"ERROR {failed['trial']}: {failed.get('error', '')[:400]}")
     if expected > len(table):  # Tune creates a grid's trials as slots free up: the rest were never created
@@ -83,8 +102,10 @@ def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metr
     print(f"\ntable: {study_dir}/trials.csv")
     best = table[table["status"] == "OK"]
     if not best.empty:
+        varied = varied_columns(table) or [c for c in table.columns if c.startswith("config/")]
         print("best config" + (" among the finished trials so far" if state else "") + ":",
-              {k[len("config/"):]: v for k, v in best.iloc[0].items() if k.startswith("config/")})
+              nested({c.removeprefix("config/"): best.iloc[0][c] for c in varied}),
+              "(every field: trials.csv, MLflow params)")
     for line in mlflow_lines:  # the UI command and the URL of the study's runs (model-training view)
         print(redact(line))
     if not uri.startswith("sqlite:"):

@@ -20,6 +20,7 @@ from analysis.naming import varied_keys
 from analysis.ray_internals import (autoscaling_status, cluster_config, copy_result_to_storage, restored_run_config,
                                     set_trial_retries, trial_resources)
 from studies.runner.autoscaling import Autoscaler
+from studies.runner.console import Console
 from studies.runner.preflight import (KEEP_CHECKPOINTS, PendingClock, PendingTimeoutError, learn,
                                       pending_timeout_message, trial_count)
 from studies.runner.space import is_grid, merge_space, sample_seed, seed_samples, variants
@@ -52,6 +53,31 @@ class MLflowCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.tracker.trial_ended(trial.trial_id, "FAILED", error_file=trial.error_file)
+
+
+class ConsoleCallback(tune.Callback):
+    """Feeds the study's console (``console.py``) from Tune's events; Tune's own table shows with --verbose."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.console.started_trial(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.console.result(trial.trial_id, trial.config, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.console.ended(trial.trial_id, trial.config, "DONE")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.console.ended(trial.trial_id, trial.config, "ERROR")
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        self.console.tick()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.console.close()
 
 
 class KeepResultsOnRetry(tune.Callback):
@@ -145,14 +171,14 @@ def autoscaler() -> Autoscaler | None:
     return learn(autoscaling_status(), cluster_config(), now=time.time())
 
 
-def start_ray(address: str | None, env_vars: dict[str, str] | None = None) -> bool:
+def start_ray(address: str | None, env_vars: dict[str, str] | None = None, worker_logs: bool = True) -> bool:
     """Join or start Ray; returns whether this call started it (and so should stop it). ``env_vars`` reach every
     trial through the job's runtime_env (S3 settings for nodes whose own environment lacks them)."""
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": env_vars} if env_vars else None
     ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING,
-             runtime_env=runtime_env)
+             runtime_env=runtime_env, log_to_driver=worker_logs)
     return True
 
 
@@ -174,7 +200,8 @@ def trainable(base: TrainConfig, args, weights: list | None = None):
 
 
 def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str, args, storage: str,
-               tracker: StudyTracker, default_samples: int | None, weights: list | None = None) -> tune.Tuner:
+               tracker: StudyTracker, default_samples: int | None, weights: list | None = None,
+               console: Console | None = None) -> tune.Tuner:
     """The study's Tuner: BASE + SPACE as Tune's param space, the search and scheduler the flags chose."""
     param_space = merge_space(base.to_dict(), space)
     search_alg, samples = None, (args.num_samples or 1)
@@ -188,9 +215,10 @@ def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str
     if args.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
                                   reduction_factor=2)
+    shown = [ConsoleCallback(console)] if console is not None else []
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, verbose=1,
-        callbacks=[MLflowCallback(tracker), KeepResultsOnRetry(), PendingTimeout(args)],
+        name=name, storage_path=storage, verbose=0 if console is not None else 1,
+        callbacks=[MLflowCallback(tracker), KeepResultsOnRetry(), PendingTimeout(args), *shown],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
     # reuse_actors: a fresh worker per trial costs ~2 s of imports
@@ -206,14 +234,17 @@ def can_restore(study_dir: str) -> bool:
 
 
 def restore_tuner(study_dir: str, base: TrainConfig, args, tracker: StudyTracker,
-                  weights: list | None = None) -> tune.Tuner:
+                  weights: list | None = None, console: Console | None = None) -> tune.Tuner:
     """The study's Tuner from its snapshot, with what a resume honours put into the restored run config: Tune
     keeps the first run's callbacks and failure config in its pickled state, so the new MLflow URI, retries and
     resources go in here (Tuner has no public setter: ``restored_run_config``)."""
     tuner = tune.Tuner.restore(study_dir, trainable=trainable(base, args, weights))
     run_config = restored_run_config(tuner)
     run_config.callbacks = [MLflowCallback(tracker) if isinstance(c, MLflowCallback) else c
-                            for c in run_config.callbacks or [] if not isinstance(c, ApplyOnResume)]
+                            for c in run_config.callbacks or [] if not isinstance(c, (ApplyOnResume, ConsoleCallback))]
     run_config.callbacks.append(ApplyOnResume(args.cpus_per_trial, args.gpus_per_trial, args.max_failures))
+    if console is not None:
+        run_config.callbacks.append(ConsoleCallback(console))
+    run_config.verbose = 0 if console is not None else 1
     run_config.failure_config = tune.FailureConfig(max_failures=args.max_failures)
     return tuner
