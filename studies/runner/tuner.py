@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import ray
@@ -15,6 +16,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.naming import VariantNames
 from analysis.naming import flatten as flat_config
 from analysis.naming import varied_keys
 from analysis.ray_internals import (autoscaling_status, cluster_config, copy_result_to_storage, restored_run_config,
@@ -28,6 +30,7 @@ from studies.runner.tracking import StudyTracker
 from trainables import TrainConfig, trainable_for
 
 log = logging.getLogger("vision_tune")
+UNSAFE = re.compile(r"[^A-Za-z0-9.=+-]+")  # what a trial's folder name keeps of its label
 # num_to_keep forces an experiment snapshot every KEEP_CHECKPOINTS reports, and Tune warns of a bottleneck at
 # every study: measured at ~20 ms of the driver's loop per snapshot (benchmarks/tune_overhead.py), it is not one
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -145,8 +148,21 @@ class SeededOptunaSearch(OptunaSearch):
 
 
 def trial_dirname(trial) -> str:
-    """Short trial folders: Tune's default spells out every sampled parameter and overflows paths."""
+    """Trial folders of studies written before ``TrialNamer`` (their snapshots name this function)."""
     return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+class TrialNamer:
+    """A trial's name and folder: its variant's letter and short label, as its MLflow run, the console and the
+    report call it, made a file name, then Tune's trial id, which keeps it unique (a variant's seeds) and which the
+    analysis reads back: ``C_adam_lr=0.001_3bdc3_00002``. Tune's default spells out every parameter instead."""
+
+    def __init__(self, names: VariantNames) -> None:
+        self.names = names
+
+    def __call__(self, trial) -> str:
+        label = UNSAFE.sub("_", self.names.run_name(flat_config(trial.config))).strip("_")
+        return f"{label[:60]}_{trial.trial_id}"
 
 
 def to_choices(space: dict) -> dict:
@@ -224,7 +240,8 @@ def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str
     # reuse_actors: a fresh worker per trial costs ~2 s of imports
     tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
                                   scheduler=scheduler, max_concurrent_trials=args.max_concurrent,
-                                  reuse_actors=True, trial_dirname_creator=trial_dirname)
+                                  reuse_actors=True, trial_dirname_creator=TrialNamer(tracker.names),
+                                  trial_name_creator=TrialNamer(tracker.names))
     return tune.Tuner(trainable(base, args, weights), param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
 
