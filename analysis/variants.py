@@ -108,15 +108,17 @@ def letters_of(study: Study, verdict: Verdict) -> str:
 def finding_markdown(verdict: Verdict, letters: str = "") -> str:
     finding = verdict.finding
     compared = f"\n\nVariants compared: {letters}." if letters else ""
+    notes = "".join(f"\n{line[0].upper()}{line[1:]}.\n" for line in verdict.notes())  # min. difference, left out
     return (f"**The report's claim** (section {finding.section}): {finding.claim} "
             f"(judged on {finding.metric}).\n\n**Measured here:** {verdict.measured}.{compared}\n\n"
-            f"**Verdict: {verdict.verdict}** (n={verdict.n} seed(s) per variant at least; {verdict.method}).\n")
+            f"**Verdict: {verdict.verdict}** (n={verdict.n} seed(s) per variant at least; {verdict.method}).\n{notes}")
 
 
 def finding_html(verdict: Verdict, letters: str = "") -> str:
     finding = verdict.finding
     compared = f"<p>Variants compared: {html.escape(letters)}.</p>" if letters else ""
+    notes = "".join(f"<p>{html.escape(line[0].upper() + line[1:])}.</p>" for line in verdict.notes())
     return (f"<p><b>The report's claim</b> (section {html.escape(finding.section)}): {html.escape(finding.claim)} "
             f"(judged on <code>{html.escape(finding.metric)}</code>).</p><p><b>Measured here:</b> "
             f"{html.escape(verdict.measured)}.</p>{compared}<p><b>Verdict: {html.escape(verdict.verdict)}</b> "
-            f"(n={verdict.n} seed(s) per variant at least; {html.escape(verdict.method)}).</p>")
+            f"(n={verdict.n} seed(s) per variant at least; {html.escape(verdict.method)}).</p>{notes}")

@@ -6,10 +6,13 @@ writes into a temporary TORCH_HOME.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from analysis.html import write_html, write_markdown
 from analysis.load import load_study
 from analysis.report import build_report
 from analysis.variants import variant_table
-from conftest import study_command
+from conftest import ROOT, study_command
 from studies.runner.space import merge_space, sample_seed, seed_samples
 from analysis.finding import Finding
 from trainables import ClassifyConfig, SegmentConfig
@@ -132,6 +135,102 @@ def test_worst_trend_and_among_findings():
         Finding("x", "II", metric="val/loss")
 
 
+def test_groups_within_the_minimum_difference_are_not_different_even_without_spread():
+    claim = Finding("A is best", "II", metric="val/accuracy", best={"model": "a"})
+    # identical repeats: zero-width intervals, which exclude 0 for any difference (the verdict said "supported")
+    tiny = _trials({("a",): [1.0, 1.0, 1.0], ("b",): [0.99999] * 3}, ("model",))
+    verdict = judge(claim, tiny)
+    assert verdict.verdict == NOT_SIGNIFICANT and verdict.min_difference == 0.005
+    assert "minimum difference 0.005" in verdict.measured
+    assert "half a percentage point, the default for rates" in verdict.text()
+    assert judge(claim, _trials({("a",): [1.0] * 3, ("b",): [0.99] * 3}, ("model",))).verdict == SUPPORTED
+    exact = dataclasses.replace(claim, min_difference=0.0)  # the bare test, as before: any exact difference counts
+    assert judge(exact, tiny).verdict == SUPPORTED
+    # seen from the other side: the report's variant behind by less than the minimum is not contradicted
+    other = Finding("b is best", "II", metric="val/accuracy", best={"model": "b"})
+    assert judge(other, tiny).verdict == NOT_SIGNIFICANT
+    # losses: 1% of the claimed variant's mean
+    loss = Finding("a has the lowest loss", "III", metric="val/loss", mode="min", best={"model": "a"})
+    close = judge(loss, _trials({("a",): [100.0] * 3, ("b",): [100.5] * 3}, ("model",), "val/loss"))
+    assert close.verdict == NOT_SIGNIFICANT and close.min_difference == pytest.approx(1.0)
+    assert "1% of 100" in close.min_difference_rule and close.to_dict()["min_difference"] == pytest.approx(1.0)
+    assert judge(loss, _trials({("a",): [100.0] * 3, ("b",): [102.0] * 3}, ("model",), "val/loss")).verdict == SUPPORTED
+    with pytest.raises(ValueError, match="min_difference"):
+        Finding("x", "II", metric="val/loss", best={"model": "a"}, min_difference=-1)
+
+
+def test_contradicted_is_corrected_for_the_rivals_and_supported_is_not():
+    claim = Finding("A is best", "II", metric="val/accuracy", best={"model": "a"})
+    behind, ahead = [0.90, 0.91, 0.92], [0.93, 0.94, 0.95]  # 3 points apart; Welch 95%: [+0.0073, +0.0527]
+    far = {(name,): [0.50, 0.51, 0.52] for name in "cdef"}
+    two = judge(claim, _trials({("a",): behind, ("b",): ahead}, ("model",)))
+    assert two.verdict == CONTRADICTED and "Bonferroni over 1 rival(s)" in two.method
+    # the same two groups among six variants: the best rival is picked among 5, each interval at 99% (t(4) 4.60
+    # instead of 2.78), whose lower end +0.03 - 4.604 * 0.00816 = -0.0076 no longer clears the minimum difference
+    six = judge(claim, _trials({("a",): behind, ("b",): ahead, **far}, ("model",)))
+    assert six.verdict == NOT_SIGNIFICANT and "Bonferroni over 5 rival(s), 99.00% each" in six.method
+    assert "model=b" in six.measured and "99.00%" in six.measured
+    # supported needs every comparison at once (intersection-union): no correction, the same lead suffices among six
+    lead = judge(claim, _trials({("a",): ahead, ("b",): behind, **far}, ("model",)))
+    assert lead.verdict == SUPPORTED and "separated from all 5 others" in lead.measured
+    # another variant matching the claim's settings is the claim's, not a rival: one rival, no correction (over 2,
+    # at 98.75%, the lower end would be +0.0015)
+    table = _trials({("a", 1): behind, ("a", 2): [0.50, 0.51, 0.52], ("b", 1): ahead}, ("model", "width"))
+    siblings = judge(claim, table)
+    assert siblings.verdict == CONTRADICTED and "Bonferroni over 1 rival(s)" in siblings.method
+
+
+def test_trials_stopped_early_are_listed_apart_and_not_judged():
+    table = _trials({("a",): [0.95, 0.96, 0.955], ("b",): [0.90, 0.91, 0.905, 0.30]}, ("model",))
+    table["config/epochs"] = 3
+    stopped = table.index[-1]  # ASHA stopped it after one epoch: its accuracy is the first epoch's
+    table.loc[stopped, "epoch"] = 1
+    table = pd.concat([table, table.iloc[[0]].assign(trial="t_cut", status="INTERRUPTED", epoch=2)], ignore_index=True)
+    claim = Finding("A is best", "II", metric="val/accuracy", best={"model": "a"})
+    verdict = judge(claim, table)
+    assert verdict.verdict == SUPPORTED and verdict.n == 3  # with the stopped trial, B's spread hid the lead
+    assert verdict.early_stopped == [table.loc[stopped, "trial"]]  # the interrupted trial is not ASHA's
+    assert table.loc[stopped, "trial"] not in sum(verdict.compared.values(), [])
+    assert verdict.to_dict()["early_stopped"] == verdict.early_stopped
+    assert "1 trial(s) stopped early by the scheduler" in verdict.text() and "t_00006" in verdict.text()
+    assert judge(claim, table.drop(columns="config/epochs")).verdict == NOT_SIGNIFICANT  # no budget: all judged
+
+
+def test_the_trend_model_is_named_and_an_exact_tiny_slope_is_no_trend():
+    latent = Finding("bigger latents, lower loss", "III", metric="val/loss", trend="latent_dim", direction="falls")
+    falling = _trials({(2,): [150, 152], (8,): [120, 121], (32,): [100, 103]}, ("latent_dim",), "val/loss")
+    verdict = judge(latent, falling)
+    assert verdict.trend_model == "val/loss = a + b*log2(latent_dim)" and "per doubling" in verdict.method
+    assert "trend model: val/loss = a + b*log2(latent_dim)" in verdict.text()
+    assert "4 doublings" in verdict.measured and verdict.to_dict()["trend_model"] == verdict.trend_model
+    linear = judge(dataclasses.replace(latent, scale="linear"), falling)
+    assert linear.trend_model == "val/loss = a + b*latent_dim" and "per unit of latent_dim" in linear.measured
+    # an exact line (identical repeats) falling by 0.002 over the sweep: zero-width, but far below 1% of the loss
+    exact = _trials({(2,): [100.0, 100.0], (4,): [99.999, 99.999], (8,): [99.998, 99.998]}, ("latent_dim",),
+                    "val/loss")
+    assert judge(latent, exact).verdict == NOT_SIGNIFICANT
+    assert judge(dataclasses.replace(latent, min_difference=0.0), exact).verdict == SUPPORTED
+    with pytest.raises(ValueError, match="Finding.scale"):
+        Finding("x", "III", metric="val/loss", trend="latent_dim", scale="log10")
+
+
+def test_verdict_calibration_smoke_covers_every_cell(tmp_path):
+    env = {**os.environ, "VISION_TUNE_BENCH_OUT": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "verdict_calibration.py"), "--smoke"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"worst false-verdict rate: ([0-9.]+) \(nominal 0\.025; .*\)", last)
+    assert match, last
+    result = json.loads((tmp_path / "verdict_calibration_smoke.json").read_text())
+    assert result["smoke"] is True and float(match.group(1)) == pytest.approx(result["worst"]["false"], abs=5e-4)
+    cells = {(row["seeds"], row["variants"]) for row in result["rows"]}
+    assert cells == {(seeds, k) for seeds in (3, 5) for k in range(2, 7)}
+    scenarios = {(c["seeds"], c["variants"], c["scenario"]) for c in result["cells"]}
+    assert all((seeds, k, s) in scenarios for seeds, k in cells for s in ("null", "spread", "ahead", "behind"))
+    assert all(0 <= c[rate] <= 1 for c in result["cells"] for rate in ("supported", "contradicted", "false"))
+
+
 # ----------------------------------------------------------------------------- the report's Finding section
 def _write_study(folder: Path, results: dict[tuple, list[float]], finding: Finding) -> Path:
     """A classification study in Tune's layout: study.json (with the finding), trials.csv, trial folders."""
@@ -184,6 +283,8 @@ def test_report_opens_with_the_finding_and_gives_error_bars(case, results, verdi
     assert (runner_up["low"], runner_up["high"]) == pytest.approx((want.low, want.high))
     assert runner_up["excludes 0"] == (case == "clear")
     assert "Welch t over seeds" in markdown and "±" in markdown
+    assert ("A difference counts only where its whole interval clears the minimum difference 0.005 in val/accuracy "
+            "(half a percentage point" in markdown and "clears the minimum difference 0.005 in val/accuracy" in page)
 
 
 def test_learning_curves_draw_the_seed_spread(tmp_path):
