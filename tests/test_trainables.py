@@ -220,7 +220,11 @@ def test_device_comes_from_the_trials_gpu_ids():
             Hardware.select(["0"], amp=True, where="node 10.0.0.7")
         return
     gpu = Hardware.select(["0"], amp=True)
-    assert gpu.device == torch.device("cuda", 0) and gpu.channels_last and gpu.amp
+    assert gpu.device == torch.device("cuda", 0) and gpu.channels_last
+    # bf16 exactly where torch says the GPU runs it natively; fp16 on the tensor-core GPUs before that
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert (gpu.amp_dtype == torch.bfloat16) == native
+    assert Hardware.select(["0"], amp=False).amp_dtype is None
 
 
 def test_cuda_problem_names_what_is_missing():

@@ -41,17 +41,22 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class Hardware:
-    """Where and how tensors run: the device, bf16 autocast and channels_last (both CUDA only)."""
+    """Where and how tensors run: the device, the autocast dtype (None: fp32) and channels_last (CUDA only)."""
 
     device: torch.device
-    amp: bool = False
+    amp_dtype: torch.dtype | None = None
     channels_last: bool = False
 
     @classmethod
     def select(cls, gpu_ids: Sequence, amp: bool = True, where: str = "this machine") -> "Hardware":
         """cuda when the trial was given a GPU, else cpu: never ``torch.cuda.is_available()`` alone,
         since a GPU that the scheduler gave to another trial is visible too."""
-        if len(gpu_ids) > 0:
+        if len(gpu_ids) > 1:
+            raise MultiGpuError(
+                f"this trial was given {len(gpu_ids)} GPUs (ids {list(gpu_ids)}) on {where}, but a trial trains on one "
+                "GPU and would leave the others idle: ask for 1 GPU per trial (or a fraction, to share one) and let "
+                "Tune run one trial per GPU")
+        if len(gpu_ids) == 1:
             problem = cuda_problem(gpu_ids, torch.version.cuda, torch.cuda.device_count(),
                                    os.environ.get("CUDA_VISIBLE_DEVICES"))
             if problem:
@@ -59,13 +64,29 @@ class Hardware:
                     f"this trial was given GPU id(s) {list(gpu_ids)} on {where}, but {problem}. The node declares "
                     "GPUs it cannot use: give its node type the GPUs it really has (`resources:` in the cluster "
                     "config, `ray start --num-gpus`) or fix its driver (`nvidia-smi` must list them).")
-            return cls(torch.device("cuda", 0), amp=amp, channels_last=True)
+            device = torch.device("cuda", 0)  # Ray's CUDA_VISIBLE_DEVICES shows the trial its one GPU as cuda:0
+            capability = torch.cuda.get_device_capability(device)
+            dtype = autocast_dtype(amp, capability, torch.version.hip)
+            log.info("precision: %s on %s (compute capability %d.%d)%s", PRECISION[dtype],
+                     torch.cuda.get_device_name(device), *capability, "" if amp else ", amp off in the config")
+            return cls(device, dtype, channels_last=True)
         return cls(torch.device("cpu"))
 
+    @property
+    def precision(self) -> str:
+        """What the forward pass computes in: 'bfloat16', 'float16' (with loss scaling) or 'float32'."""
+        return PRECISION[self.amp_dtype]
+
     def autocast(self):
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        # select() sets a dtype on CUDA only; on a CPU device it runs CPU autocast (the tests' way to run fp16)
+        if self.amp_dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16, whose gradients underflow without it; bf16 has fp32's range and needs none
+        (the scaler is then a pass-through)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -79,6 +100,29 @@ class Hardware:
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
             moved.append(tensor)
         return moved
+
+
+PRECISION = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def autocast_dtype(amp: bool, capability: tuple[int, int], hip: str | None) -> torch.dtype | None:
+    """The autocast dtype for a CUDA device of compute ``capability`` (``hip``: ``torch.version.hip``).
+
+    bf16 only where the GPU runs it natively: compute capability >= 8.0 (Ampere on) or ROCm, the answer of
+    ``torch.cuda.is_bf16_supported(including_emulation=False)``; that call's default counts the emulation of
+    V100s and T4s, where bf16 runs slower than fp32. Those (7.x) get fp16 with a GradScaler; older GPUs have no
+    tensor cores for fp16 either (a GTX 1080 runs fp16 at 1/64 of fp32) and stay in fp32."""
+    if not amp:
+        return None
+    if hip or capability >= (8, 0):
+        return torch.bfloat16
+    if capability >= (7, 0):
+        return torch.float16
+    return None
+
+
+class MultiGpuError(RuntimeError):
+    """A trial got several GPUs: it trains on one, so it refuses instead of leaving the others idle."""
 
 
 class CudaUnavailableError(RuntimeError):
@@ -119,8 +163,11 @@ class _Averages:
 
 
 def train_one_epoch(model: nn.Module, step: Step, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    hw: Hardware, epoch: int, max_steps: int = 0, describe: str = "") -> dict[str, float]:
-    """One pass (or ``max_steps`` batches) of training; returns train/* means and images_per_s."""
+                    hw: Hardware, epoch: int, max_steps: int = 0, describe: str = "",
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One pass (or ``max_steps`` batches) of training; returns train/* means and images_per_s. ``scaler``: fp16's
+    loss scale, kept across epochs by ``fit`` (a fresh one, ``hw.grad_scaler()``, when None)."""
+    scaler = hw.grad_scaler() if scaler is None else scaler
     model.train()
     averages = _Averages()
     start = time.perf_counter()
@@ -132,8 +179,9 @@ def train_one_epoch(model: nn.Module, step: Step, loader: Iterable, optimizer: t
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss became {loss} at epoch {epoch}, step {index}; config: {describe}")
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        scaler.scale(out.loss).backward()  # as is, unless fp16
+        scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale halves
+        scaler.update()
         averages.add(StepOutput(out.loss.detach(), parts={k: v.detach() for k, v in out.parts.items()}),
                      batch[0].shape[0])
         if max_steps and index >= max_steps:
@@ -173,12 +221,13 @@ def fit(model: nn.Module, step: Step, optimizer: torch.optim.Optimizer, schedule
         on_epoch_end: Callable[[int, dict, ConfusionMatrix | None], None] | None = None) -> dict[str, float]:
     """Train epochs ``start_epoch..epochs`` (1-based), evaluating after each; returns the last metrics."""
     metrics: dict[str, float] = {}
+    scaler = hw.grad_scaler()
     generator = getattr(train_loader, "generator", None)
     for epoch in range(start_epoch, epochs + 1):
         torch.manual_seed(epoch_seed(seed, epoch))
         if generator is not None:
             generator.manual_seed(epoch_seed(seed, epoch))  # the shuffle order and worker seeds
-        metrics = train_one_epoch(model, step, train_loader, optimizer, hw, epoch, max_steps, describe)
+        metrics = train_one_epoch(model, step, train_loader, optimizer, hw, epoch, max_steps, describe, scaler)
         val_metrics, matrix = evaluate(model, step, val_loader, hw, num_classes)
         metrics.update(val_metrics)
         metrics["epoch"] = epoch

@@ -20,7 +20,7 @@ from trainables.checkpoints import (ARTIFACTS, EXAMPLE_FILE, CheckpointPolicy, l
                                     state_bytes)
 from trainables.lineage import DATASETS_KEY, dataset_inputs
 from trainables.loop import Hardware, fit
-from trainables.memory import apply_cap, out_of_memory
+from trainables.memory import apply_cap, memory_errors
 from trainables.optim import build_optimizer, build_scheduler
 from trainables.pretrained import Weights
 from trainables.pretrained import install as install_weights
@@ -30,6 +30,7 @@ from trainables.task import Task, make_loaders
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "checkpoint_epoch"  # reported every epoch: the epoch of the trial's newest checkpoint
 COST_KEY = "checkpoint_s"  # reported after a checkpoint: the seconds it took to write and report (upload included)
+AMP_KEY = "amp_dtype"  # reported every epoch: 'bfloat16', 'float16' or 'float32', what the trial's GPU computes in
 
 
 class TuneSession:
@@ -46,6 +47,7 @@ class TuneSession:
         resources = tune.get_context().get_trial_resources().required_resources
         self.cpus = resources.get("CPU", 1)
         self.gpus = resources.get("GPU", 0)  # a fraction < 1 caps this trial's GPU memory
+        self.trial_dir = tune.get_context().get_trial_dir()  # this node's folder of the trial, kept across retries
 
     def restore_dir(self):
         checkpoint = self._tune.get_checkpoint()
@@ -67,6 +69,7 @@ class LocalSession:
         self.cpus = cpus
         self.where = "this machine"
         self.gpus = 0
+        self.trial_dir = self.out_dir
 
     def restore_dir(self):
         return _PathContext(self.resume_from) if self.resume_from else None
@@ -118,6 +121,14 @@ def run_trial(config_dict: dict, task: Task, session=None, weights: list[Weights
         torch.set_num_threads(max(1, int(session.cpus)))
     hw = Hardware.select(session.gpu_ids, amp=config.amp, where=session.where)
     fraction = apply_cap(hw.device, session.gpus)
+    # an OOM anywhere from here on is a TrialMemoryError, and Tune's retry of the same attempt fails before building
+    with memory_errors(hw.device, session.gpus, fraction, config.batch_size, session.trial_dir,
+                       {"config": config.to_dict(), "gpus": session.gpus}):
+        return _train(config, task, session, hw)
+
+
+def _train(config, task: Task, session, hw: Hardware) -> dict:
+    """``run_trial`` once the hardware is chosen: build, restore, fit."""
     seed_everything(config.seed)
     built = task.build(config)
     model = hw.prepare(built.model)
@@ -140,8 +151,9 @@ def run_trial(config_dict: dict, task: Task, session=None, weights: list[Weights
 
     def on_epoch_end(epoch: int, metrics: dict, matrix) -> None:
         metrics.update(monitor.epoch_figures())
-        # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
-        extra = {} if reported else {DATASETS_KEY: datasets}
+        extra = {AMP_KEY: hw.precision}  # a string: not a metric, the driver's to log as a tag
+        if not reported:  # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
+            extra[DATASETS_KEY] = datasets
         if last.get("cost_s") is not None:  # the previous checkpoint's cost, write and upload: known only now
             extra[COST_KEY] = last.pop("cost_s")
         reported.append(epoch)
@@ -169,10 +181,5 @@ def run_trial(config_dict: dict, task: Task, session=None, weights: list[Weights
         return fit(model, built.step, optimizer, scheduler, train_loader, val_loader, hw, epochs=config.epochs,
                    start_epoch=start_epoch, seed=config.seed, max_steps=config.steps_per_epoch,
                    num_classes=built.num_classes, describe=describe, on_epoch_end=on_epoch_end)
-    except torch.OutOfMemoryError:
-        if hw.device.type != "cuda":
-            raise
-        # from None: the trial's error says what to change, not which CUDA kernel failed to allocate
-        raise out_of_memory(hw.device, session.gpus, fraction, config.batch_size) from None
     finally:
         monitor.close()

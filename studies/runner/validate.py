@@ -50,9 +50,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--cpus-per-trial {cpus:g}: must be a number > 0 (fractions such as 0.5 share a core)")
     if not (math.isfinite(gpus) and gpus >= 0):
         raise UsageError(f"--gpus-per-trial {gpus:g}: must be a number >= 0 (0 = CPU only; fractions share a GPU)")
-    if gpus > 1 and gpus != int(gpus):
-        raise UsageError(f"--gpus-per-trial {gpus:g}: above 1 it must be a whole number of GPUs (Ray cannot "
-                         "split a request across GPUs); valid: a fraction <= 1, or 1, 2, ...")
+    if gpus > 1:  # Hardware.select would refuse it in every trial, after Ray had reserved the GPUs
+        raise UsageError(f"--gpus-per-trial {gpus:g}: a trial trains on one GPU (there is no data-parallel "
+                         "training inside a trial); valid: 0 (CPU only), a fraction such as 0.5 or 0.25 (trials "
+                         "share a GPU), or 1 (Tune runs a trial on each GPU)")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the study in "
                          "--storage, --overwrite deletes it first; pass one")
