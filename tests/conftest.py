@@ -23,7 +23,7 @@ SHARED_RUN_MODULES = {"test_analysis", "test_studies", "test_tracking"}
 GROUP_SECONDS = {"shared_runs": 430, "test_benchmarks": 330, "test_s3": 260, "test_reliability": 130,
                  "test_cluster_isolated": 130, "test_interrupts": 110, "test_tracking_outage": 100,
                  "test_autoscaler": 85, "test_job_submit": 75, "test_trainables": 70, "test_cluster": 65,
-                 "test_findings": 60, "test_models": 60, "test_cli": 40}
+                 "test_findings": 60, "test_gpu_paths": 45, "test_models": 60, "test_cli": 40}
 
 
 def module_group(nodeid: str) -> str:

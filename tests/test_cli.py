@@ -51,7 +51,7 @@ BAD_FLAGS = [
     (["--cpus-per-trial", "0"], "--cpus-per-trial 0: must be a number > 0"),
     (["--cpus-per-trial", "-1"], "--cpus-per-trial -1: must be a number > 0"),
     (["--gpus-per-trial", "-0.5"], "--gpus-per-trial -0.5: must be a number >= 0"),
-    (["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5: above 1 it must be a whole number"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5: a trial trains on one GPU"),
     (["--max-concurrent", "0"], "--max-concurrent 0: must be an integer >= 1"),
     (["--max-failures", "-2"], "--max-failures -2: must be an integer >= -1 (-1 = retry without limit)"),
     (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),

@@ -79,7 +79,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     num_workers: int = -1  # VOC loader workers; -1 = on a GPU, one per CPU of the trial beyond the first (task.loader_workers)
-    amp: bool = True  # bf16 autocast, used on CUDA only
+    amp: bool = True  # autocast on CUDA only: bf16 where the GPU runs it natively, else fp16 with a loss scaler
     feature_samples: int = 192  # val images whose features are saved for t-SNE/PCA, as the report
     val_samples: int = 0  # 0 = evaluate on the whole val split; else on a fixed subset (quick runs)
     checkpoint_every: str = "auto"  # epochs ("5"), seconds of training ("600s") or auto (trainables/checkpoints.py)

@@ -17,7 +17,8 @@ import pandas as pd
 from studies.runner import legacy
 from studies.runner.cli import apply_args, build_parser
 from studies.runner.console import Console
-from studies.runner.errors import StudyInterrupted, TrialsFailed, cli_errors, flag_for_config_error, redact
+from studies.runner.errors import (StudyInterrupted, TrackingIncomplete, TrialsFailed, cli_errors,
+                                   flag_for_config_error, redact)
 from studies.runner.interrupts import stop_signals
 from studies.runner.mlflow_runs import parent_params
 from studies.runner.preflight import (check_data, check_disk, check_resources, check_weights, shipped_weights,
@@ -58,6 +59,8 @@ def run_study(name: str, base: TrainConfig, space: dict, metric: str, mode: str,
                      finding)
         if failed_trials(table):
             raise TrialsFailed(failed_trials(table), len(table), table.attrs["study_dir"])
+        if table.attrs.get("incomplete") is not None:
+            raise TrackingIncomplete(table.attrs["incomplete"].trials, table.attrs["incomplete"].command)
         return table
 
 
@@ -143,6 +146,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     finals = {r.metrics.get("trial_id"): (r.checkpoint, r.config) for r in results if r.checkpoint and r.metrics}
     mlflow_lines = tracker.end_study(table, metric, mode, None if stop.signum else args.register_model,
                                      interrupted=bool(stop.signum), finals=finals)
+    table.attrs["incomplete"] = tracker.incomplete  # MLflow stayed away: the runs it lacks, their replay
     print_summary(table, name, study_dir, uri, metric, study["trials"], tracker.ui_lines() + mlflow_lines)
     if finding is not None and not table.empty:
         report_finding(finding, table, study_dir)

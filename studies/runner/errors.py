@@ -21,7 +21,7 @@ from trainables.data import BadDataError
 
 DEBUG_ENV = "VISION_TUNE_DEBUG"
 # exit codes (README, "Exit codes"): argparse's own code for a bad flag is 2 as well; 128 + N after signal N
-FAILURE, USAGE, TRIALS_FAILED = 1, 2, 3
+FAILURE, USAGE, TRIALS_FAILED, TRACKING_INCOMPLETE = 1, 2, 3, 4
 MAX_LINES = 14  # of a message shown on the command line; the rest is counted, and --debug shows it all
 # the last line of a traceback that names the exception: "pkg.module.SomeError: message"
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)(?:\(.*\))?: ")
@@ -56,6 +56,14 @@ class TrialsFailed(RuntimeError):
         super().__init__(f"{len(failed)} of {total} trial(s) failed; their errors are in {study_dir}/trials.csv "
                          f"(column 'error') and in full in {where}")
         self.failed, self.total = failed, total
+
+
+class TrackingIncomplete(RuntimeError):
+    """Every trial finished and the results are complete, but MLflow stayed away: some runs lack records."""
+
+    def __init__(self, trials: list[str], command: str) -> None:
+        super().__init__(f"the results are complete, but MLflow lacks the records of {len(trials)} trial run(s) and "
+                         f"the study's run; once the server answers, replay them: {command}")
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -101,6 +109,8 @@ def translate(err: BaseException) -> tuple[int, str]:
     the lines under it (bounded) what to act on."""
     if isinstance(err, TrialsFailed):
         return TRIALS_FAILED, str(err)
+    if isinstance(err, TrackingIncomplete):
+        return TRACKING_INCOMPLETE, str(err)
     if isinstance(err, PendingTimeoutError):  # the request was possible; the cluster did not deliver in time
         return FAILURE, str(err)
     if isinstance(err, BadDataError):  # the files to fix are the message's lines after the first
@@ -126,7 +136,8 @@ def translate(err: BaseException) -> tuple[int, str]:
 @contextmanager
 def cli_errors(argv: list[str]) -> Iterator[None]:
     """Turn what escapes a study into ``error: ...`` on stderr and ``sys.exit(code)``: 2 usage, 1 failure,
-    3 trials failed (the study's results are all written), 128 + signal number after an interruption (130 Ctrl-C,
+    3 trials failed (the study's results are all written), 4 MLflow incomplete (the results are complete; the
+    message says how to replay), 128 + signal number after an interruption (130 Ctrl-C,
     143 SIGTERM)."""
     debug = debug_wanted(argv)
     try:

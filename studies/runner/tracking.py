@@ -38,12 +38,14 @@ from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, TrackingQu
                                         register, short_http_retries, trial_id_of)
 from trainables.checkpoints import ARTIFACTS
 from trainables.lineage import DATASETS_KEY
+from trainables.tune_io import AMP_KEY
 
 log = logging.getLogger(__name__)
 TRIAL_TAG = "vision_tune.trial_id"
 VARIANT_TAG = "vision_tune.variant"
 STEP_METRIC = "epoch"
-LOG_MODELS = ("best", "all", "none")  # --log-models: which trials' final models become MLflow logged models
+LOG_MODELS = ("best", "all", "none")
+TAG_KEYS = {AMP_KEY: "vision_tune.amp_dtype"}  # reported strings the runs keep as tags  # --log-models: which trials' final models become MLflow logged models
 # at the end of a study, how long the tracking server may stay away before its runs are left to a replay
 DRAIN_S, DRAIN_ENV = 60.0, "VISION_TUNE_TRACKING_DRAIN_S"
 
@@ -133,6 +135,17 @@ class IncompleteRuns:
                 f"  {self.command}"]
 
 
+def all_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of the experiment that matches, page by page (one call returns at most 1,000)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 class StudyTracker:
     """Writes a study's trials into MLflow; holds no client until used, so it pickles with Tune's state.
 
@@ -159,7 +172,8 @@ class StudyTracker:
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks into every experiment snapshot
         return {**self.__dict__, "_client": None, "_runs": {}, "_ids": {}, "_inputs": set(), "_warming": None,
-                "_warm_error": None, "_queue": None, "_announced": set(), "incomplete": None}
+                "_warm_error": None, "_queue": None, "_announced": set(), "incomplete": None, "_known": None,
+                "_creating": None}
 
     def __setstate__(self, state: dict) -> None:  # a tracker pickled by an older version lacks newer fields
         self.__init__(state["uri"], state["experiment"], state.get("study_tags"))
@@ -244,9 +258,18 @@ class StudyTracker:
         return self._ids["parent"]
 
     def find_run(self, trial_id: str):
-        """The trial's MLflow run (found by its tag), or None."""
-        found = self.client.search_runs([self.experiment_id()], f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
-        return found[0] if found else None
+        """The trial's MLflow run (found by its tag), or None. The experiment's runs are read once, page by page, and
+        the ones this tracker creates added: a search per trial start would cost a query over every run (at a
+        thousand trials, seconds of Tune's loop each)."""
+        if getattr(self, "_known", None) is None:
+            self._known = {run.data.tags[TRIAL_TAG]: run for run in all_runs(self.client, self.experiment_id())
+                           if TRIAL_TAG in run.data.tags}
+        if trial_id not in self._known and getattr(self, "_creating", None) == trial_id:  # its answer was lost
+            found = self.client.search_runs([self.experiment_id()], f"tags.`{TRIAL_TAG}` = '{trial_id}'",
+                                            max_results=1)
+            if found:
+                self._known[trial_id] = found[0]
+        return self._known.get(trial_id)
 
     def logged_epoch(self, trial_id: str) -> int:
         """The last epoch in the trial's run (started by ``start``)."""
@@ -275,7 +298,10 @@ class StudyTracker:
             flat = flat_config(config)
             tags = {TRIAL_TAG: trial_id, "mlflow.runName": self.names.run_name(flat), "mlflow.parentRunId": parent,
                     VARIANT_TAG: self.names.letter(flat), "vision_tune.trial_name": trial_name, **self.study_tags}
-            run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
+            self._creating = trial_id
+            created = self.client.create_run(experiment_id, tags=tags)
+            self._known[trial_id], self._creating = created, None
+            run_id = created.info.run_id
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(config).items()])
             last = 0
         self._runs[trial_id] = (run_id, last)
@@ -295,11 +321,12 @@ class StudyTracker:
         epoch = int(result.get(STEP_METRIC, result.get("training_iteration", 0)))
         if epoch <= last:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         timestamp = int(result.get("timestamp", 0) * 1000)
         metrics = [Metric(key, value, timestamp, epoch) for key, value in numeric_metrics(result).items()]
-        self.client.log_batch(run_id, metrics=metrics)
+        tags = [RunTag(TAG_KEYS[key], str(result[key])) for key in TAG_KEYS if key in result]  # e.g. the dtype
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._runs[trial_id] = (run_id, epoch)
 
     def upload_final(self, trial_id: str, checkpoint, config: dict | None = None) -> None:
@@ -421,7 +448,7 @@ class StudyTracker:
     def kill_unfinished(self, status: str = "KILLED") -> int:
         """After an interrupted study, close the trials' runs still RUNNING as KILLED (MLflow's status for a run
         that was stopped); a resume finds them again by tag and sets them RUNNING. Returns how many."""
-        found = self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'")
+        found = all_runs(self.client, self.experiment_id(), "attributes.status = 'RUNNING'")
         killed = [run.info.run_id for run in found if TRIAL_TAG in run.data.tags]
         for run_id in killed:
             self.client.set_terminated(run_id, status=status)
