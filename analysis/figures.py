@@ -43,14 +43,19 @@ def class_colors(count: int, segmentation: bool) -> np.ndarray:
     return np.asarray([cmap(i % cmap.N)[:3] for i in range(count)])
 
 
+def _panels(curves: pd.DataFrame, task: str) -> dict[str, list[str]]:
+    """The task's panels that have data: panel title -> the metrics drawn in it."""
+    panels = {name: [m for m in metrics if m in curves and curves[m].notna().any()]
+              for name, metrics in CURVES.get(task, CURVES["classification"]).items()}
+    return {name: metrics for name, metrics in panels.items() if metrics}
+
+
 def learning_curves(curves: pd.DataFrame, legend: dict[str, str], task: str, title: str,
                     groups: dict[str, list[str]] | None = None) -> plt.Figure:
     """One panel per measure, a colour per trial (or per group of trials: the seeds of a variant, drawn as
     their mean with a band from their minimum to maximum) and a line style per split (train solid, val dashed)."""
     groups = groups if groups is not None else {label: [trial] for trial, label in legend.items()}
-    panels = {name: [m for m in metrics if m in curves and curves[m].notna().any()]
-              for name, metrics in CURVES.get(task, CURVES["classification"]).items()}
-    panels = {name: metrics for name, metrics in panels.items() if metrics}
+    panels = _panels(curves, task)
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     palette = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
 
@@ -77,6 +82,41 @@ def learning_curves(curves: pd.DataFrame, legend: dict[str, str], task: str, tit
     handles = [Line2D([], [], color=colors(i), label=label) for i, label in enumerate(groups)]
     handles += [Line2D([], [], color="0.3", linestyle=style, label=split)
                 for split, style in (("train", "-"), ("val", "--"))]
+    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(handles)),
+                  fontsize=8, frameon=False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def trial_curves(curves: pd.DataFrame, variant_of: dict[str, str], legend: dict[str, str], failed: set[str],
+                 task: str, title: str, max_legend: int = 20) -> plt.Figure:
+    """Every trial's own curves, a colour per variant (``legend``: variant -> text, in colour order), train solid and
+    val dashed; a failed trial's last report marked x. Shows what a mean over seeds hides: the spread, and the
+    trials a scheduler stopped early."""
+    panels = _panels(curves, task)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    palette = plt.get_cmap("tab10" if len(legend) <= 10 else "tab20")
+    color = {variant: palette(i % palette.N) for i, variant in enumerate(legend)}
+    for ax, (name, metrics) in zip(axes[0], panels.items()):
+        for trial, rows in curves.groupby("trial", sort=False):
+            for metric, style in zip(metrics, STYLES):
+                points = rows[["epoch", metric]].dropna()
+                ax.plot(points["epoch"], points[metric], style, color=color[variant_of[trial]], linewidth=1,
+                        alpha=0.75, marker="o" if len(points) == 1 else None, markersize=3)
+                if trial in failed and len(points):
+                    ax.plot(points["epoch"].iloc[-1], points[metric].iloc[-1], "x", color="black", markersize=6)
+        ax.set(title=name, xlabel="epoch", ylabel=" / ".join(metrics))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    shown = list(legend.items())[:max_legend]
+    handles = [Line2D([], [], color=color[variant], label=text) for variant, text in shown]
+    if len(legend) > max_legend:
+        handles.append(Line2D([], [], color="white", label=f"... and {len(legend) - max_legend} more variants"))
+    handles += [Line2D([], [], color="0.3", linestyle=style, label=split)
+                for split, style in (("train", "-"), ("val", "--"))]
+    if failed:
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="failed: last report"))
     figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(handles)),
                   fontsize=8, frameon=False)
     figure.suptitle(title)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import html
 import math
+import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +17,10 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em aut
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}tr.best td{font-weight:bold;background:#fff6d5}tr.error td{color:#a00}
 figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:14px;color:#444;margin-top:.4em}
-code{background:#f3f3f3;padding:0 3px}"""
+code{background:#f3f3f3;padding:0 3px}.live{background:#e7f6e7;border:1px solid #7c7;padding:.5em 1em}
+.stopped{background:#f6f0e0;border:1px solid #cb8;padding:.5em 1em}"""
+# the live banner and the reload between these markers, so that a stopped --watch can take them out again
+LIVE = re.compile(r"<!--live-->.*?<!--/live-->", re.S)
 
 
 def _cell(column: str, value) -> str:
@@ -45,16 +50,37 @@ def table_html(table: pd.DataFrame) -> str:
 def _header(report: Report) -> tuple[str, list[tuple[str, str]]]:
     study = report.study
     title = f"Study {study.name}"
-    facts = [("study folder", study.location), ("task", study.task), ("selection", f"{study.metric} ({study.mode})"),
+    facts = [("study folder", study.location), ("task", study.task), ("state", study.state),
+             ("selection", f"{study.metric} ({study.mode})"),
              ("trials", f"{len(report.table)} ({int(report.table['status'].eq('OK').sum())} OK)"),
              ("MLflow", study.mlflow_uri or "-"), ("built", datetime.now().isoformat(timespec="seconds"))]
     return title, facts
 
 
-def write_html(report: Report) -> Path:
+def _replace(path: Path, text: str) -> Path:
+    """Write through a temporary file: a browser reloading a --watch page never reads half of one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def write_html(report: Report, live: float | None = None) -> Path:
+    """index.html; ``live``: the seconds between rewrites of a page that --watch keeps rewriting (it reloads itself
+    as often and says it is live and when it was written)."""
     title, facts = _header(report)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>", "<ul>"]
+    reload = (f"<!--live--><meta http-equiv='refresh' content='{max(1, round(live))}'><!--/live-->"
+              if live else "")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{reload}",
+             f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    if live:
+        parts.append(f"<!--live--><p class='live'><b>LIVE</b>: the study is running; this page is rewritten every "
+                     f"{live:g} s and reloads itself. Written at {_now()}.</p><!--/live-->")
+    parts.append("<ul>")
     parts += [f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>" for k, v in facts]
     parts.append("</ul>")
     section = None
@@ -77,14 +103,30 @@ def write_html(report: Report) -> Path:
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
     parts.append("</body></html>")
-    path = report.out / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return _replace(report.out / "index.html", "\n".join(parts))
 
 
-def write_markdown(report: Report) -> Path:
+def mark_stopped(page: Path) -> bool:
+    """A live page whose --watch was stopped: its banner says so and it stops reloading; False if it was not live."""
+    if not page.is_file():
+        return False
+    text = page.read_text(encoding="utf-8")
+    if not LIVE.search(text):
+        return False
+    banner = (f"<p class='stopped'><b>Not live</b>: watching stopped at {_now()}; the study may have moved on since "
+              "this page was written (run python -m analysis again).</p>")
+    head, _, body = text.partition("<body>")
+    _replace(page, LIVE.sub("", head) + "<body>" + LIVE.sub(lambda _: banner, body, count=1))
+    return True
+
+
+def write_markdown(report: Report, live: float | None = None) -> Path:
     title, facts = _header(report)
-    lines = [f"# {title}", ""] + [f"- {k}: `{v}`" for k, v in facts] + [""]
+    lines = [f"# {title}", ""]
+    if live:
+        lines += [f"> **LIVE**: the study is running; `--watch` rewrites this page every {live:g} s. Written at "
+                  f"{_now()}.", ""]
+    lines += [f"- {k}: `{v}`" for k, v in facts] + [""]
     section = None
     for entry in report.entries:
         if entry.section != section:
@@ -96,6 +138,4 @@ def write_markdown(report: Report) -> Path:
             lines += [f"![{entry.title}]({entry.path})", "", f"*{entry.title}.* {entry.caption}", ""]
     if report.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
-    path = report.out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return _replace(report.out / "report.md", "\n".join(lines))

@@ -16,8 +16,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis import embed, figures, images
+from analysis import embed, figures, images, search_figures
+from analysis.importance import NAMES, importance_caption, importance_html, importance_markdown, param_importance
 from analysis.load import Artifacts, Study
+from analysis.naming import NOT_A_VARIANT
 from analysis.tables import METRICS, best_per_variant, ranked, results_table, short_id, to_markdown, varied_params
 from analysis.variants import (finding_html, finding_markdown, letters_of, study_verdict, variant_html,
                                variant_markdown, variant_table)
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 MAX_VARIANTS = 8  # figures compare at most this many variants (the best ones of a long search)
 SWEPT = ("latent_dim", "optim/lr", "beta")  # section III: final loss against latent size / learning rate
 STALE = ("tsne_*.png", "pca_*.png", "final_vs_*.png", "data/confusion_*.npy")
+# files a build writes only sometimes: removed after a build that did not write them (not before, so that a page
+# rewritten every few seconds by --watch never points at a figure that is momentarily gone)
+OPTIONAL = ("learning_curves_trials.png", "parallel_coordinates.png", "importance.png", "importance.md",
+            "data/importance.csv")
 
 
 @dataclass
@@ -71,8 +77,10 @@ class Builder:
     """Writes the report's files one section at a time; ``progress`` gets one line per slow step."""
 
     def __init__(self, study: Study, out: Path, perplexity: float | None = None,
-                 progress: Callable[[str], None] = log.info) -> None:
+                 progress: Callable[[str], None] = log.info, evaluator: str = "fanova",
+                 projections: dict | None = None) -> None:
         self.study, self.out, self.perplexity, self.progress = study, out, perplexity, progress
+        self.evaluator = evaluator
         self.report = Report(study, out, results_table(study))
         self.trials = ranked(study)
         self.best = best_per_variant(study, MAX_VARIANTS)
@@ -80,9 +88,12 @@ class Builder:
         if variants > MAX_VARIANTS:
             self.report.notes.append(f"figures compare the {MAX_VARIANTS} best of {variants} variants "
                                      f"({', '.join(self.best['variant'])}); the table lists every trial")
-        self._projections: dict[tuple, tuple[np.ndarray, str]] = {}
+        # t-SNE and PCA by input: shared across the rebuilds of --watch, which redraw unchanged checkpoints
+        self._projections: dict[tuple, tuple[np.ndarray, str]] = {} if projections is None else projections
+        self.written: set[str] = set()
 
     def add(self, section: str, title: str, path: Path, caption: str, html: str = "") -> None:
+        self.written.add(str(path.relative_to(self.out)))
         self.report.entries.append(Entry(section, title, str(path.relative_to(self.out)), caption, html))
 
     def picks(self, need: str) -> list[tuple[pd.Series, Artifacts]]:
@@ -152,6 +163,63 @@ class Builder:
         self.add("Learning curves", "Learning curves", path,
                  f"Per-epoch loss (train solid, val dashed) and val {measures} of every OK trial of study "
                  f"{self.study.name}{spread}. Data: curves.csv.")
+
+    def hyperparams(self) -> list[str]:
+        """The trials' varied hyperparameters (``config/...``), seeds and data folders aside."""
+        return [c for c in varied_params(self.study.trials) if c.removeprefix("config/") not in NOT_A_VARIANT]
+
+    def trial_curves(self) -> None:
+        trials = self.trials[self.trials["trial"].isin(set(self.study.curves["trial"]))]
+        if trials.empty or (not trials["variant"].duplicated().any() and trials["status"].eq("OK").all()):
+            return  # one OK trial per variant: the learning curves above already draw each of them
+        trials = trials.sort_values("label", key=lambda s: s.map(lambda v: (len(v.split(".")[0]), v)))
+        legend = {variant: f"{variant}: {rows['setting'].iloc[0]} (n={len(rows)})"
+                  for variant, rows in trials.groupby("variant", sort=False)}
+        failed = set(trials.loc[trials["status"].eq("ERROR"), "trial"])
+        curves = self.study.curves[self.study.curves["trial"].isin(set(trials["trial"]))]
+        figure = figures.trial_curves(curves, dict(zip(trials["trial"], trials["variant"])), legend, failed,
+                                      self.study.task, f"{self.study.name}: every trial's learning curves")
+        path = figures.save(figure, self.out / "learning_curves_trials.png")
+        statuses = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+        self.add("Learning curves", "Every trial", path,
+                 f"The per-epoch curves of all {len(trials)} trials that reported ({statuses}), a line per trial "
+                 "and a colour per variant (train solid, val dashed; x = a failed trial's last report): the spread "
+                 "over seeds and the trials stopped early that the means above leave out. Data: curves.csv.")
+
+    def parallel(self) -> None:
+        params = self.hyperparams()
+        if not params:
+            self.report.notes.append("no hyperparameter varies between the trials: no parallel coordinates")
+            return
+        if self.study.metric not in self.trials or self.trials[self.study.metric].isna().all():
+            self.report.notes.append(f"no trial reported {self.study.metric}: no parallel coordinates")
+            return
+        figure = search_figures.parallel_coordinates(self.trials, params, self.study.metric, self.study.mode,
+                                                     f"{self.study.name}: hyperparameters to {self.study.metric}")
+        path = figures.save(figure, self.out / "parallel_coordinates.png")
+        self.add("Hyperparameters", "Parallel coordinates", path,
+                 f"Every trial of study {self.study.name} as a line through its value of each varied hyperparameter "
+                 f"to its last {self.study.metric} (colour: the metric, bright = better; dashed: not finished OK; "
+                 "'-': no value). Categorical axes space their values evenly; numeric axes spanning 8x or more are "
+                 "log. Data: table.csv.")
+
+    def importance(self) -> None:
+        result = param_importance(self.trials, self.hyperparams(), self.study.metric, self.study.mode,
+                                  self.evaluator)
+        (self.out / "importance.md").write_text(importance_markdown(result))
+        if result.reason:
+            self.add("Hyperparameters", "Importance", self.out / "importance.md",
+                     f"Importance by Optuna's {NAMES[self.evaluator]} (--importance {self.evaluator}).",
+                     importance_html(result))
+            return
+        result.table.to_csv(self.out / "data" / "importance.csv", index=False)
+        self.written.add("data/importance.csv")
+        self.add("Hyperparameters", "Importance", self.out / "importance.md",
+                 importance_caption(result, self.study.metric) + " Data: data/importance.csv.", importance_html(result))
+        figure = search_figures.importance_bars(result.table, NAMES[self.evaluator], self.study.metric,
+                                                f"{self.study.name}: hyperparameter importance")
+        self.add("Hyperparameters", "Importance (figure)", figures.save(figure, self.out / "importance.png"),
+                 f"The {NAMES[self.evaluator]} shares above as bars.")
 
     def confusion(self) -> None:
         picks = self.picks("confusion")
@@ -288,17 +356,21 @@ class Builder:
         for stale in STALE:  # per-variant files of an earlier build whose variants may be gone
             for path in self.out.glob(stale):
                 path.unlink()
-        steps = {"classification": [self.table, self.curves, self.confusion, self.samples, self.embeddings],
-                 "segmentation": [self.table, self.curves, self.confusion, self.samples, self.embeddings,
+        curves = [self.curves, self.trial_curves, self.parallel, self.importance]
+        steps = {"classification": [self.table, *curves, self.confusion, self.samples, self.embeddings],
+                 "segmentation": [self.table, *curves, self.confusion, self.samples, self.embeddings,
                                   self.feature_maps],
-                 "generation": [self.table, self.curves, self.samples, self.embeddings, self.swept]}
-        steps = steps.get(self.study.task, [self.table, self.curves])
+                 "generation": [self.table, *curves, self.samples, self.embeddings, self.swept]}
+        steps = steps.get(self.study.task, [self.table, *curves])
         # the page opens with the report's claim and its verdict; the per-variant table follows Table I
         for step in [self.finding, steps[0], self.variants, *steps[1:]]:
             start = time.perf_counter()
             step()
             self.report.timings[step.__name__] = time.perf_counter() - start
             self.progress(f"{step.__name__:<13} {self.report.timings[step.__name__]:5.1f}s")
+        for name in OPTIONAL:
+            if name not in self.written:
+                (self.out / name).unlink(missing_ok=True)
         return self.report
 
 
@@ -308,7 +380,17 @@ def _same_images(samples: dict, reference: dict) -> bool:
     return samples["images"].shape == reference["images"].shape and np.allclose(samples["images"], reference["images"])
 
 
+def report_folder(study: Study, out: str | Path | None = None) -> Path:
+    """Where a study's page goes: ``out``, else STUDY_DIR/report, or ./report/<name> for a study read from a URI."""
+    if out:
+        return Path(out).resolve()
+    return Path("report", study.name).resolve() if study.source else study.path / "report"
+
+
 def build_report(study: Study, out: Path | None = None, perplexity: float | None = None,
-                 progress: Callable[[str], None] = log.info) -> Report:
-    """Write the table, figures and their data for a loaded study into ``out`` (default STUDY_DIR/report)."""
-    return Builder(study, Path(out) if out else study.path / "report", perplexity, progress).build()
+                 progress: Callable[[str], None] = log.info, evaluator: str = "fanova",
+                 projections: dict | None = None) -> Report:
+    """Write the table, figures and their data for a loaded study into ``out`` (default STUDY_DIR/report);
+    ``evaluator``: the importance evaluator (fanova, ped-anova); ``projections``: a cache kept across rebuilds."""
+    return Builder(study, Path(out) if out else study.path / "report", perplexity, progress, evaluator,
+                   projections).build()
