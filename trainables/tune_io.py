@@ -11,7 +11,7 @@ import random
 import shutil
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from trainables.task import Task, make_loaders
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "checkpoint_epoch"  # reported every epoch: the epoch of the trial's newest checkpoint
+RESTORED_KEY = "restored_from"  # after a restore, once: the trial folder whose checkpoint it continues (PBT's lineage)
 COST_KEY = "checkpoint_s"  # reported after a checkpoint: the seconds it took to write and report (upload included)
 AMP_KEY = "amp_dtype"  # reported every epoch: 'bfloat16', 'float16' or 'float32', what the trial's GPU computes in
 
@@ -51,6 +52,8 @@ class TuneSession:
 
     def restore_dir(self):
         checkpoint = self._tune.get_checkpoint()
+        if checkpoint is not None:  # whose: its own (a retry, a resume) or, under PBT, the trial it copies
+            self.restored_from = PurePosixPath(checkpoint.path).parent.name
         return checkpoint.as_directory() if checkpoint else None
 
     def report(self, metrics: dict, folder: Path | None) -> None:
@@ -138,10 +141,12 @@ def _train(config, task: Task, session, hw: Hardware) -> dict:
 
     start_epoch = 1
     restore = session.restore_dir()
+    lineage = {}
     if restore is not None:
         with restore as folder:
             start_epoch = load_state(folder, model, optimizer, scheduler) + 1
         log.info("resumed after epoch %d", start_epoch - 1)
+        lineage = {RESTORED_KEY: getattr(session, "restored_from", "") or "", "restored_epoch": start_epoch - 1}
 
     datasets = dataset_inputs(config, built.train_set, built.val_set)
     monitor = SystemMonitor(hw.device)
@@ -153,7 +158,7 @@ def _train(config, task: Task, session, hw: Hardware) -> dict:
         metrics.update(monitor.epoch_figures())
         extra = {AMP_KEY: hw.precision}  # a string: not a metric, the driver's to log as a tag
         if not reported:  # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
-            extra[DATASETS_KEY] = datasets
+            extra.update({DATASETS_KEY: datasets, **lineage})
         if last.get("cost_s") is not None:  # the previous checkpoint's cost, write and upload: known only now
             extra[COST_KEY] = last.pop("cost_s")
         reported.append(epoch)

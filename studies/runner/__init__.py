@@ -17,7 +17,7 @@ import pandas as pd
 from studies.runner import legacy
 from studies.runner.cli import apply_args, build_parser
 from studies.runner.console import Console
-from studies.runner.errors import (StudyInterrupted, TrackingIncomplete, TrialsFailed, cli_errors,
+from studies.runner.errors import (StudyInterrupted, TrackingIncomplete, TrialsFailed, UsageError, cli_errors,
                                    flag_for_config_error, redact)
 from studies.runner.interrupts import stop_signals
 from studies.runner.mlflow_runs import parent_params
@@ -25,7 +25,7 @@ from studies.runner.preflight import (check_data, check_disk, check_resources, c
                                       study_bytes, trial_count)
 from studies.runner.record import (applied_changes, check_start, definition, invocation, now, read_record,
                                    remove_failed_start, resume_command, snapshot_statuses, updated, write_file)
-from studies.runner.space import check_space, largest_state
+from studies.runner.space import check_space, continuous_grids, largest_state
 from studies.runner.storage import remove_study, study_exists, trial_env
 from studies.runner.summary import failed_trials, print_summary, report_finding, summarize
 from studies.runner.tracking import StudyTracker, check_reachable, resolve_uri
@@ -75,6 +75,9 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
         check_space(base, space)  # unknown keys and invalid values fail here, before Ray starts
     except ConfigError as err:
         raise ConfigError(flag_for_config_error(err, vars(args))) from None
+    if args.scheduler == "pbt" and not continuous_grids(space):
+        raise UsageError("--scheduler pbt: this study's space has no grid of real numbers to perturb (PBT moves "
+                         "values such as learning rates); use --scheduler asha or hyperband")
     local = "://" not in args.storage
     storage = str(Path(args.storage).expanduser().resolve()) if local else args.storage
     study_dir = f"{storage}/{name}"
@@ -135,7 +138,8 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
             if started:
                 stop_ray()
     statuses = snapshot_statuses(study_dir) if stop.signum else None
-    table = summarize(results, metric, mode, statuses, tracker.names)
+    table = summarize(results, metric, mode, statuses, tracker.names,
+                      {tid: line.name for tid, line in console.lines.items()} if console else None)
     table.attrs["study_dir"] = study_dir
     write_file(f"{study_dir}/trials.csv", table.to_csv(index=False))
     failed = len(failed_trials(table))
@@ -149,7 +153,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     table.attrs["incomplete"] = tracker.incomplete  # MLflow stayed away: the runs it lacks, their replay
     print_summary(table, name, study_dir, uri, metric, study["trials"], tracker.ui_lines() + mlflow_lines)
     if finding is not None and not table.empty:
-        report_finding(finding, table, study_dir)
+        report_finding(finding, table, study_dir, mixed=args.scheduler == "pbt")
     if stop.signum:
         raise StudyInterrupted(stop.signum, resume_command(entry["argv"]), table)
     return table

@@ -39,6 +39,13 @@ def resources_json(text: str) -> dict[str, float]:
     return {key: float(amount) for key, amount in value.items()}
 
 
+SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
+
+
+def pbt_interval(args: argparse.Namespace, epochs: int) -> int:
+    return args.pbt_interval or max(1, epochs // 5)
+
+
 def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     # a short usage line: argparse prints it above every flag error, and the full one is ~15 lines
     parser = argparse.ArgumentParser(prog=f"studies/{name}.py", description=doc, usage="%(prog)s [flags] (see --help)",
@@ -68,7 +75,11 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     res.add_argument("--storage", default="results", help="results folder, a shared path or s3://... on clusters")
     search = parser.add_argument_group("search and scheduling")
     search.add_argument("--search", choices=("grid", "optuna"), default="grid")
-    search.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo")
+    search.add_argument("--scheduler", choices=SCHEDULERS, default="fifo",
+                        help="asha stops weak trials early; hyperband also pauses and resumes them; pbt perturbs the "
+                             "space's real-valued grids (e.g. learning rates) and copies the best trials' weights")
+    search.add_argument("--pbt-interval", type=int, metavar="EPOCHS",
+                        help="pbt: epochs between perturbations (default: a fifth of --epochs, at least 1)")
     search.add_argument("--max-concurrent", type=int, help="trials running at once (default: as resources allow)")
     track = parser.add_argument_group("tracking and recovery")
     track.add_argument("--mlflow-uri", help="default: sqlite:///<cwd>/mlflow.db; or http://host:5000")
@@ -101,6 +112,10 @@ def apply_args(base: TrainConfig, space: dict, args: argparse.Namespace) -> tupl
     if isinstance(base, VAEConfig) and "dataset" in flags and "image_size" not in flags and not args.quick:
         flags["image_size"] = 0  # the VAE takes the new data set's own size (MNIST 28, CIFAR-10 32)
     overrides.update(flags)
+    if args.scheduler in ("hyperband", "pbt") and not args.checkpoint_every:
+        # a paused or exploited trial restarts from its last checkpoint: checkpoints where the scheduler acts
+        epochs = overrides.get("epochs", base.epochs)
+        overrides["checkpoint_every"] = "1" if args.scheduler == "hyperband" else str(pbt_interval(args, epochs))
     # a dimension of the space that a flag (or quick mode's embedded data set) fixes collapses to that value
     fixed = set(flags) | ({"dataset"} if args.quick else set())
     space = {key: value for key, value in space.items() if key not in fixed}

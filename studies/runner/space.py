@@ -149,3 +149,17 @@ def largest_state(base: TrainConfig, space: dict) -> tuple[int, int]:
             weights, slots = model_bytes(config)
             sizes[key] = (weights + slots, weights)
     return max(state for state, _ in sizes.values()), max(weights for _, weights in sizes.values())
+
+
+def continuous_grids(space: dict) -> dict:
+    """The space's dimensions PBT can perturb: grids of real numbers (a learning rate, a weight), nested as the
+    config is, each as its sorted values (PBT moves a trial to a neighbouring value or resamples one)."""
+    found = {}
+    for key, value in space.items():
+        if is_grid(value) and all(isinstance(v, float) for v in value["grid_search"]):
+            found[key] = sorted(value["grid_search"])
+        elif isinstance(value, dict) and not is_grid(value):
+            nested = continuous_grids(value)
+            if nested:
+                found[key] = nested
+    return found

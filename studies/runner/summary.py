@@ -2,12 +2,13 @@
 judged on the trials."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from analysis.finding import Finding, judge
+from analysis.finding import UNTESTABLE, Finding, judge
 from analysis.naming import VariantNames
 from analysis.naming import flatten as flat_config
 from analysis.tune_state import outcome
@@ -20,19 +21,22 @@ SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/
 
 
 def summarize(results, metric: str, mode: str, statuses: dict[str, str] | None = None,
-              names: VariantNames | None = None) -> pd.DataFrame:
+              names: VariantNames | None = None, named: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per trial: its name (``C adam lr=0.001``, #k for a variant's k-th seed, as in MLflow and the
     console), the hyperparameters (typed), status, final metrics; best first. ``statuses`` (Tune's snapshot, after
-    an interruption) tells finished trials from the ones a stop cut short."""
+    an interruption) tells finished trials from the ones a stop cut short; ``named``: trial id -> the name the
+    console gave it when it started (its first config: PBT changes a trial's config as it trains)."""
     rows, seen = [], {}
     for result in sorted(results, key=lambda r: Path(r.path).name):
         config = flat_config(result.config or {})  # typed: 64, not '64'; False, not 'False'
         folder = Path(result.path).name
         epochs_run = int((result.metrics or {}).get("training_iteration") or 0)
         status = outcome(None if statuses is None else statuses.get(folder, ""), bool(result.error), epochs_run)
+        given = (named or {}).get((result.metrics or {}).get("trial_id"))  # as the console named it at its start
         name = names.run_name(config) if names is not None else folder
         seen[name] = seen.get(name, 0) + 1
-        row = {"trial": folder, "name": name if seen[name] == 1 else f"{name} #{seen[name]}", "status": status,
+        name = given or (name if seen[name] == 1 else f"{name} #{seen[name]}")
+        row = {"trial": folder, "name": name, "status": status,
                **{f"config/{k}": v for k, v in config.items()},
                **{k: (result.metrics or {}).get(k) for k in (*SUMMARY_KEYS, CHECKPOINT_KEY)}}
         if result.error:
@@ -113,8 +117,14 @@ def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metr
     print(f"report:    python -m analysis {study_dir} --mlflow-uri {redact(uri)}")
 
 
-def report_finding(finding: Finding, table: pd.DataFrame, study_dir: str) -> None:
-    """The report's claim judged on this study's trials: printed, and kept as finding.json for analysis."""
+def report_finding(finding: Finding, table: pd.DataFrame, study_dir: str, mixed: bool = False) -> None:
+    """The report's claim judged on this study's trials: printed, and kept as finding.json for analysis. ``mixed``:
+    PBT changed the trials' hyperparameters as they trained, so no trial stands for one variant."""
     verdict = judge(finding, table)
+    if mixed:
+        verdict = dataclasses.replace(verdict, verdict=UNTESTABLE, n=0, measured=(
+            "no per-variant verdict under PBT: it copies the best trials' weights into the others and perturbs their "
+            "hyperparameters as they train, so each trial's result mixes variants (its lineage: the trials' "
+            "restored_from and config per epoch in result.json)"))
     write_file(f"{study_dir}/finding.json", json.dumps(verdict.to_dict(), indent=2, default=str))
     print(f"\n{verdict.text()}\nfinding: {study_dir}/finding.json")

@@ -38,14 +38,14 @@ from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, TrackingQu
                                         register, short_http_retries, trial_id_of)
 from trainables.checkpoints import ARTIFACTS
 from trainables.lineage import DATASETS_KEY
-from trainables.tune_io import AMP_KEY
+from trainables.tune_io import AMP_KEY, RESTORED_KEY
 
 log = logging.getLogger(__name__)
 TRIAL_TAG = "vision_tune.trial_id"
 VARIANT_TAG = "vision_tune.variant"
 STEP_METRIC = "epoch"
 LOG_MODELS = ("best", "all", "none")
-TAG_KEYS = {AMP_KEY: "vision_tune.amp_dtype"}  # reported strings the runs keep as tags  # --log-models: which trials' final models become MLflow logged models
+TAG_KEYS = {AMP_KEY: "vision_tune.amp_dtype", RESTORED_KEY: "vision_tune.restored_from"}  # reported strings: tags  # --log-models: which trials' final models become MLflow logged models
 # at the end of a study, how long the tracking server may stay away before its runs are left to a replay
 DRAIN_S, DRAIN_ENV = 60.0, "VISION_TUNE_TRACKING_DRAIN_S"
 

@@ -13,7 +13,7 @@ import time
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBasedTraining
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.naming import VariantNames
@@ -22,10 +22,11 @@ from analysis.naming import varied_keys
 from analysis.ray_internals import (autoscaling_status, cluster_config, copy_result_to_storage, restored_run_config,
                                     set_trial_retries, trial_resources)
 from studies.runner.autoscaling import Autoscaler
+from studies.runner.cli import pbt_interval
 from studies.runner.console import Console
 from studies.runner.preflight import (KEEP_CHECKPOINTS, PendingClock, PendingTimeoutError, learn,
                                       pending_timeout_message, trial_count)
-from studies.runner.space import is_grid, merge_space, sample_seed, seed_samples, variants
+from studies.runner.space import continuous_grids, is_grid, merge_space, sample_seed, seed_samples, variants
 from studies.runner.tracking import StudyTracker
 from trainables import TrainConfig, trainable_for
 
@@ -227,16 +228,23 @@ def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str
         samples = trial_count(args, space, default_samples)
     else:
         param_space, samples = seed_samples(param_space, base.seed, samples)
-    scheduler = None
+    scheduler, keep = None, KEEP_CHECKPOINTS
     if args.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=1,
                                   reduction_factor=2)
+    elif args.scheduler == "hyperband":  # pauses trials: each resumes from its checkpoint of that epoch
+        scheduler = HyperBandScheduler(time_attr="training_iteration", max_t=base.epochs, reduction_factor=3)
+    elif args.scheduler == "pbt":
+        scheduler = PopulationBasedTraining(time_attr="training_iteration",
+                                            perturbation_interval=pbt_interval(args, base.epochs),
+                                            hyperparam_mutations=continuous_grids(space))
+        keep = 4  # other trials copy a checkpoint after it is superseded (Tune warns below 3)
     shown = [ConsoleCallback(console)] if console is not None else []
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0 if console is not None else 1,
         callbacks=[MLflowCallback(tracker), KeepResultsOnRetry(), PendingTimeout(args), *shown],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep))
     # reuse_actors: a fresh worker per trial costs ~2 s of imports
     tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
                                   scheduler=scheduler, max_concurrent_trials=args.max_concurrent,

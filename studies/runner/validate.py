@@ -54,6 +54,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--gpus-per-trial {gpus:g}: a trial trains on one GPU (there is no data-parallel "
                          "training inside a trial); valid: 0 (CPU only), a fraction such as 0.5 or 0.25 (trials "
                          "share a GPU), or 1 (Tune runs a trial on each GPU)")
+    if getattr(args, "scheduler", None) == "pbt" and args.search == "optuna":
+        raise UsageError("--scheduler pbt --search optuna: PBT refuses search algorithms (it makes its own "
+                         "configs); use --search grid with pbt, or another --scheduler with optuna")
+    if getattr(args, "pbt_interval", None) is not None and args.pbt_interval < 1:
+        raise UsageError(f"--pbt-interval {args.pbt_interval}: must be an integer >= 1 (epochs between perturbations)")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the study in "
                          "--storage, --overwrite deletes it first; pass one")
