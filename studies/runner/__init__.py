@@ -83,6 +83,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     study_dir = f"{storage}/{name}"
     study = definition(name, base, space, metric, mode, args, trial_count(args, space, num_samples))
     study["finding"] = finding.to_dict() if finding else None  # what analysis judges the study against
+    study["question"] = (doc or "").strip().split("\n\n")[0].replace("\n", " ")  # the index page's (not defining)
     recorded = read_record(study_dir)
     uri = check_start(args, recorded, study, study_dir, resolve_uri(args.mlflow_uri))
     if args.resume and not can_restore(study_dir):
