@@ -235,9 +235,11 @@ def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str
     elif args.scheduler == "hyperband":  # pauses trials: each resumes from its checkpoint of that epoch
         scheduler = HyperBandScheduler(time_attr="training_iteration", max_t=base.epochs, reduction_factor=3)
     elif args.scheduler == "pbt":
+        # synchronous: the whole population meets at each perturbation (trials pause, from their checkpoints);
+        # with fewer slots than trials, asynchronous PBT compares a trial only with the few running beside it
         scheduler = PopulationBasedTraining(time_attr="training_iteration",
                                             perturbation_interval=pbt_interval(args, base.epochs),
-                                            hyperparam_mutations=continuous_grids(space))
+                                            hyperparam_mutations=continuous_grids(space), synch=True)
         keep = 4  # other trials copy a checkpoint after it is superseded (Tune warns below 3)
     shown = [ConsoleCallback(console)] if console is not None else []
     run_config = tune.RunConfig(
