@@ -20,7 +20,8 @@ from analysis import embed, figures, images, search_figures
 from analysis.importance import NAMES, importance_caption, importance_html, importance_markdown, param_importance
 from analysis.load import Artifacts, Study
 from analysis.naming import NOT_A_VARIANT
-from analysis.tables import METRICS, best_per_variant, ranked, results_table, short_id, to_markdown, varied_params
+from analysis.tables import (METRICS, best_per_variant, pareto_front, ranked, results_table, short_id, to_markdown,
+                             varied_params)
 from analysis.variants import (finding_html, finding_markdown, letters_of, study_verdict, variant_html,
                                variant_markdown, variant_table)
 from trainables.data import dataset_info
@@ -31,7 +32,8 @@ SWEPT = ("latent_dim", "optim/lr", "beta")  # section III: final loss against la
 STALE = ("tsne_*.png", "pca_*.png", "final_vs_*.png", "data/confusion_*.npy")
 # files a build writes only sometimes: removed after a build that did not write them (not before, so that a page
 # rewritten every few seconds by --watch never points at a figure that is momentarily gone)
-OPTIONAL = ("learning_curves_trials.png", "parallel_coordinates.png", "importance.png", "importance.md",
+OPTIONAL = ("learning_curves_trials.png", "parallel_coordinates.png", "importance.png", "importance.md", "pareto.png",
+            "data/pareto.csv",
             "data/importance.csv")
 
 
@@ -203,6 +205,25 @@ class Builder:
                  "'-': no value). Categorical axes space their values evenly; numeric axes spanning 8x or more are "
                  "log. Data: table.csv.")
 
+    def pareto(self) -> None:
+        """Two objectives (``--metric`` twice): every finished trial on both, the front drawn and listed."""
+        try:
+            goals = [tuple(goal) for goal in json.loads((self.study.path / "study.json").read_text()).get("objectives")
+                     or []]
+        except (OSError, ValueError):
+            return
+        if len(goals) != 2:
+            return
+        front = pareto_front(self.trials, goals)
+        figure = search_figures.pareto(self.trials, front, goals, f"{self.study.name}: Pareto front")
+        columns = [c for c in ("name", "trial", *(m for m, _ in goals)) if c in front]
+        front[columns].to_csv(self.out / "data" / "pareto.csv", index=False)
+        self.written.add("data/pareto.csv")
+        self.add("Objectives", "Pareto front", figures.save(figure, self.out / "pareto.png"),
+                 f"The {len(front)} finished trial(s) no other beats on both {goals[0][0]} ({goals[0][1]}) and "
+                 f"{goals[1][0]} ({goals[1][1]}), joined in red, among every finished trial (grey): "
+                 + ", ".join(str(row.get("name", row["trial"])) for _, row in front.iterrows()) + ". Data: data/pareto.csv.")
+
     def importance(self) -> None:
         result = param_importance(self.trials, self.hyperparams(), self.study.metric, self.study.mode,
                                   self.evaluator)
@@ -356,7 +377,7 @@ class Builder:
         for stale in STALE:  # per-variant files of an earlier build whose variants may be gone
             for path in self.out.glob(stale):
                 path.unlink()
-        curves = [self.curves, self.trial_curves, self.parallel, self.importance]
+        curves = [self.curves, self.trial_curves, self.parallel, self.importance, self.pareto]
         steps = {"classification": [self.table, *curves, self.confusion, self.samples, self.embeddings],
                  "segmentation": [self.table, *curves, self.confusion, self.samples, self.embeddings,
                                   self.feature_maps],

@@ -99,3 +99,22 @@ def importance_bars(table: pd.DataFrame, evaluator: str, metric: str, title: str
     ax.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def pareto(trials: pd.DataFrame, front: pd.DataFrame, goals: list[tuple[str, str]], title: str) -> plt.Figure:
+    """Every finished trial on the two objectives, the Pareto front joined and labelled."""
+    (x, x_mode), (y, y_mode) = goals
+    figure, ax = plt.subplots(figsize=(6.4, 4.8))
+    ok = trials[(trials["status"] == "OK") & trials[[x, y]].notna().all(axis=1)]
+    ax.scatter(ok[x], ok[y], color="0.7", label="trials")
+    ordered = front.sort_values(x)
+    ax.plot(ordered[x], ordered[y], "o-", color="C3", label="Pareto front")
+    for _, row in ordered.iterrows():
+        ax.annotate(str(row.get("name", row["trial"])), (row[x], row[y]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel(f"{x} ({x_mode})")
+    ax.set_ylabel(f"{y} ({y_mode})")
+    ax.set_title(title)
+    ax.legend()
+    figure.tight_layout()
+    return figure

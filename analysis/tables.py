@@ -123,3 +123,15 @@ def to_markdown(table: pd.DataFrame) -> str:
     for _, row in errors.iterrows():
         lines.append(f"\n{row['label']} ({short_id(row['trial'])}) failed: {fmt(row.get('error'))}")
     return "\n".join(lines) + "\n"
+
+
+def pareto_front(trials: pd.DataFrame, goals: list[tuple[str, str]]) -> pd.DataFrame:
+    """The finished trials no other finished trial beats on every objective (and strictly on one); ``goals``:
+    (metric, "min" | "max") pairs."""
+    if not all(metric in trials for metric, _ in goals):
+        return trials.iloc[:0]
+    ok = trials[(trials["status"] == "OK") & trials[[m for m, _ in goals]].notna().all(axis=1)]
+    signed = pd.DataFrame({m: ok[m] if d == "max" else -ok[m] for m, d in goals})  # larger is better on both
+    keep = [i for i in signed.index if not any((signed.loc[j] >= signed.loc[i]).all() and
+                                               (signed.loc[j] > signed.loc[i]).any() for j in signed.index if j != i)]
+    return ok.loc[keep]

@@ -1,4 +1,5 @@
-"""HyperBand and PBT beside FIFO and ASHA, end to end on quick studies, and the combinations they refuse."""
+"""HyperBand and PBT beside FIFO and ASHA, two objectives through Optuna, end to end on quick studies, and the
+combinations they refuse."""
 from __future__ import annotations
 
 import json
@@ -66,3 +67,38 @@ def test_what_pbt_refuses_in_one_line(tmp_path, flags, message):
 def test_pbt_needs_a_real_valued_grid(tmp_path):
     done = run(tmp_path, "seg_concat", "--scheduler", "pbt", "--image-size", "32")  # skip_concat: booleans only
     assert done.returncode == 2 and "--scheduler pbt: this study's space has no grid of real numbers" in done.stderr
+
+
+def test_two_objectives_search_a_pareto_front_the_report_draws(tmp_path):
+    done = run(tmp_path, "vae_latent", "--epochs", "1", "--steps-per-epoch", "2", "--num-samples", "6",
+               "--metric", "val/loss", "--metric", "model/params_m")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = tmp_path / "results" / "vae_latent"
+    record = json.loads((study / "study.json").read_text())
+    assert record["search"] == "optuna" and record["objectives"] == [["val/loss", "min"], ["model/params_m", "min"]]
+    table = pd.read_csv(study / "trials.csv")
+    assert len(table) == 6 and table["model/params_m"].nunique() > 1  # the latent size changes the model's size
+    from analysis.tables import pareto_front
+
+    front = pareto_front(table, [("val/loss", "min"), ("model/params_m", "min")])
+    line = next(line for line in done.stdout.splitlines() if line.startswith("Pareto front"))
+    assert all(name in line for name in front["name"]) and len(front) >= 1
+    for _, row in table[table["status"] == "OK"].iterrows():  # nothing outside the front beats a front trial on both
+        beaten = front[(front["val/loss"] > row["val/loss"]) & (front["model/params_m"] > row["model/params_m"])]
+        assert beaten.empty, row["name"]
+    report = run_in_process("-m analysis", [str(study), "--no-mlflow"], tmp_path,
+                            {**os.environ, "PYTHONPATH": str(ROOT)})
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (study / "report" / "pareto.png").stat().st_size > 0
+    assert set(pd.read_csv(study / "report" / "data" / "pareto.csv")["name"]) == set(front["name"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--metric", "val/loss", "--metric", "model/params_m", "--scheduler", "asha"],
+     "--metric twice --scheduler asha: ASHA, HyperBand and PBT rank trials on one metric"),
+    (["--metric", "val/los"], "--metric val/los: expected NAME[:max|min] with NAME one of val/loss"),
+    (["--metric", "val/loss", "--metric", "val/kl", "--metric", "model/params_m"], "--metric given 3 times"),
+])
+def test_what_two_objectives_refuse_in_one_line(tmp_path, flags, message):
+    done = run(tmp_path, "vae_lr", *flags)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

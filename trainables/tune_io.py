@@ -154,8 +154,10 @@ def _train(config, task: Task, session, hw: Hardware) -> dict:
     last = {"epoch": start_epoch - 1, "time": time.perf_counter()}  # the last checkpoint (or the restore)
     reported: list[int] = []
 
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6  # an objective beside the metric (--metric twice)
+
     def on_epoch_end(epoch: int, metrics: dict, matrix) -> None:
-        metrics.update(monitor.epoch_figures())
+        metrics.update(monitor.epoch_figures(), **{"model/params_m": params_m})
         extra = {AMP_KEY: hw.precision}  # a string: not a metric, the driver's to log as a tag
         if not reported:  # the data sets travel once per (re)started trial: the driver logs them as the run's inputs
             extra.update({DATASETS_KEY: datasets, **lineage})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from studies.runner import legacy
-from studies.runner.cli import apply_args, build_parser
+from studies.runner.cli import apply_args, build_parser, objectives
 from studies.runner.console import Console
 from studies.runner.errors import (StudyInterrupted, TrackingIncomplete, TrialsFailed, UsageError, cli_errors,
                                    flag_for_config_error, redact)
@@ -70,6 +70,8 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     args = build_parser(name, doc).parse_args([*(default_args or []), *argv])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_args(args)  # every flag's range, and --address/--storage/--mlflow-uri usable: before anything starts
+    goals = objectives(args, metric, mode)
+    (metric, mode), args.search = goals[0], "optuna" if len(goals) == 2 else args.search  # two: Optuna's Pareto search
     try:
         base, space = apply_args(base, space, args)
         check_space(base, space)  # unknown keys and invalid values fail here, before Ray starts
@@ -83,6 +85,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     study_dir = f"{storage}/{name}"
     study = definition(name, base, space, metric, mode, args, trial_count(args, space, num_samples))
     study["finding"] = finding.to_dict() if finding else None  # what analysis judges the study against
+    study["objectives"] = [list(goal) for goal in goals]
     study["question"] = (doc or "").strip().split("\n\n")[0].replace("\n", " ")  # the index page's (not defining)
     recorded = read_record(study_dir)
     uri = check_start(args, recorded, study, study_dir, resolve_uri(args.mlflow_uri))
@@ -121,8 +124,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
             if args.resume:
                 tuner = restore_tuner(study_dir, base, args, tracker, weights, console)
             else:
-                tuner = make_tuner(name, base, space, metric, mode, args, storage, tracker, num_samples, weights,
-                                   console)
+                tuner = make_tuner(name, base, space, goals, args, storage, tracker, num_samples, weights, console)
             record = updated(recorded, study, entry)
             write_file(f"{study_dir}/study.json", json.dumps(record, indent=2, default=str))
             with stop.fitting():
@@ -152,7 +154,7 @@ def _run(name: str, base: TrainConfig, space: dict, metric: str, mode: str, argv
     mlflow_lines = tracker.end_study(table, metric, mode, None if stop.signum else args.register_model,
                                      interrupted=bool(stop.signum), finals=finals)
     table.attrs["incomplete"] = tracker.incomplete  # MLflow stayed away: the runs it lacks, their replay
-    print_summary(table, name, study_dir, uri, metric, study["trials"], tracker.ui_lines() + mlflow_lines)
+    print_summary(table, name, study_dir, uri, metric, study["trials"], tracker.ui_lines() + mlflow_lines, goals)
     if finding is not None and not table.empty:
         report_finding(finding, table, study_dir, mixed=args.scheduler == "pbt")
     if stop.signum:

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 from studies.runner.autoscaling import PENDING_TIMEOUT_S
+from studies.runner.errors import UsageError
 from studies.runner.tracking import LOG_MODELS
 from trainables import ClassifyConfig, ConfigError, SegmentConfig, TrainConfig, VAEConfig
 
@@ -40,6 +41,28 @@ def resources_json(text: str) -> dict[str, float]:
 
 
 SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
+# what every trial reports and an objective may name (the runner's summary keys, the model's size, its speed)
+OBJECTIVES = ("val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou", "val/recon", "val/kl",
+              "val/elbo", "train/loss", "model/params_m", "images_per_s")
+
+
+def objectives(args: argparse.Namespace, metric: str, mode: str) -> list[tuple[str, str]]:
+    """The study's objectives as (metric, mode): its own, or what --metric says (one or two)."""
+    if not args.metric:
+        return [(metric, mode)]
+    found = []
+    for typed in args.metric:
+        name, _, direction = typed.partition(":")
+        direction = direction or (mode if name == metric else "min" if "loss" in name or name.endswith("_m") else "max")
+        if name not in OBJECTIVES or direction not in ("min", "max"):
+            raise UsageError(f"--metric {typed}: expected NAME[:max|min] with NAME one of {', '.join(OBJECTIVES)}")
+        found.append((name, direction))
+    if len(found) > 2:
+        raise UsageError(f"--metric given {len(found)} times: one objective, or two for a Pareto search")
+    if len(found) == 2 and args.scheduler != "fifo":
+        raise UsageError(f"--metric twice --scheduler {args.scheduler}: ASHA, HyperBand and PBT rank trials on one "
+                         "metric; drop --scheduler or one --metric")
+    return found
 
 
 def pbt_interval(args: argparse.Namespace, epochs: int) -> int:
@@ -78,6 +101,10 @@ def build_parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     search.add_argument("--scheduler", choices=SCHEDULERS, default="fifo",
                         help="asha stops weak trials early; hyperband also pauses and resumes them; pbt perturbs the "
                              "space's real-valued grids (e.g. learning rates) and copies the best trials' weights")
+    search.add_argument("--metric", action="append", metavar="NAME[:max|min]",
+                        help="the study's objective instead of its own; twice: two objectives, searched by Optuna's "
+                             "multi-objective sampler, the report drawing their Pareto front (e.g. --metric val/miou:max "
+                             "--metric model/params_m:min)")
     search.add_argument("--pbt-interval", type=int, metavar="EPOCHS",
                         help="pbt: epochs between perturbations (default: a fifth of --epochs, at least 1)")
     search.add_argument("--max-concurrent", type=int, help="trials running at once (default: as resources allow)")

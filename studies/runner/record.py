@@ -28,7 +28,7 @@ log = logging.getLogger("vision_tune")
 APPLIED = (("mlflow_uri", "--mlflow-uri"), ("max_failures", "--max-failures"), ("cpus_per_trial", "--cpus-per-trial"),
            ("gpus_per_trial", "--gpus-per-trial"), ("address", "--address"))
 # what the study is: any change is refused on resume
-DEFINING = ("metric", "mode", "search", "scheduler", "trials", "max_concurrent", "space")
+DEFINING = ("metric", "mode", "search", "scheduler", "trials", "max_concurrent", "space", "objectives")
 
 
 def now() -> str:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from analysis.finding import UNTESTABLE, Finding, judge
 from analysis.naming import VariantNames
+from analysis.tables import pareto_front
 from analysis.naming import flatten as flat_config
 from analysis.tune_state import outcome
 from studies.runner.errors import exception_message, redact
@@ -17,7 +18,7 @@ from studies.runner.record import write_file
 from trainables.tune_io import CHECKPOINT_KEY
 
 SUMMARY_KEYS = ("train/loss", "val/loss", "val/accuracy", "val/precision", "val/recall", "val/miou",
-                "val/recon", "val/kl", "val/elbo", "epoch")
+                "val/recon", "val/kl", "val/elbo", "model/params_m", "images_per_s", "epoch")
 
 
 def summarize(results, metric: str, mode: str, statuses: dict[str, str] | None = None,
@@ -87,8 +88,9 @@ def nested(flat: dict) -> dict:
 
 
 def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metric: str, expected: int,
-                  mlflow_lines: list[str]) -> None:
-    shown = ["name" if "name" in table else "trial", "status", *[k for k in (metric, "epoch") if k in table.columns],
+                  mlflow_lines: list[str], goals: list[tuple[str, str]] | None = None) -> None:
+    extra = [m for m, _ in goals or [] if m != metric]
+    shown = ["name" if "name" in table else "trial", "status", *[k for k in (metric, *extra, "epoch") if k in table.columns],
              *varied_columns(table)]
     unfinished = len(table[table["status"].isin(("INTERRUPTED", "NOT_STARTED"))]) + max(0, expected - len(table))
     state = f", INCOMPLETE: {unfinished} of {max(expected, len(table))} unfinished" if unfinished else ""
@@ -103,6 +105,11 @@ def print_summary(table: pd.DataFrame, name: str, study_dir: str, uri: str, metr
     if redo:
         print(f"(a resume redoes {redo[0]} epoch(s) of {redo[1]} interrupted trial(s): their work since their last "
               "checkpoint; --checkpoint-every sets how much that can be)")
+    if goals and len(goals) == 2:
+        front = pareto_front(table, goals)
+        print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in goals)}): " + (", ".join(
+            f"{row.get('name', row['trial'])} ({', '.join(f'{row[m]:.4g}' for m, _ in goals)})"
+            for _, row in front.iterrows()) or "no finished trial"))
     print(f"\ntable: {study_dir}/trials.csv")
     best = table[table["status"] == "OK"]
     if not best.empty:

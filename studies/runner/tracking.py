@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 TRIAL_TAG = "vision_tune.trial_id"
 VARIANT_TAG = "vision_tune.variant"
 STEP_METRIC = "epoch"
-LOG_MODELS = ("best", "all", "none")
-TAG_KEYS = {AMP_KEY: "vision_tune.amp_dtype", RESTORED_KEY: "vision_tune.restored_from"}  # reported strings: tags  # --log-models: which trials' final models become MLflow logged models
+LOG_MODELS = ("best", "all", "none")  # --log-models: which trials' final models become MLflow logged models
+TAG_KEYS = {AMP_KEY: "vision_tune.amp_dtype", RESTORED_KEY: "vision_tune.restored_from"}  # reported strings: tags
 # at the end of a study, how long the tracking server may stay away before its runs are left to a replay
 DRAIN_S, DRAIN_ENV = 60.0, "VISION_TUNE_TRACKING_DRAIN_S"
 

@@ -216,15 +216,18 @@ def trainable(base: TrainConfig, args, weights: list | None = None):
                                           **getattr(args, "extra_resources", {})})
 
 
-def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str, args, storage: str,
+def make_tuner(name: str, base: TrainConfig, space: dict, goals: list[tuple[str, str]], args, storage: str,
                tracker: StudyTracker, default_samples: int | None, weights: list | None = None,
                console: Console | None = None) -> tune.Tuner:
-    """The study's Tuner: BASE + SPACE as Tune's param space, the search and scheduler the flags chose."""
+    """The study's Tuner: BASE + SPACE as Tune's param space, the search and scheduler the flags chose; two
+    ``goals`` (metric, mode) make Optuna's search multi-objective, and Tune's own metric unset."""
+    (metric, mode), pareto = goals[0], len(goals) == 2
     param_space = merge_space(base.to_dict(), space)
     search_alg, samples = None, (args.num_samples or 1)
     if args.search == "optuna":
         param_space = to_choices(param_space)
-        search_alg = SeededOptunaSearch(base.seed, seed=base.seed)
+        search_alg = SeededOptunaSearch(base.seed, seed=base.seed, **({"metric": [m for m, _ in goals],
+                                                                        "mode": [d for _, d in goals]} if pareto else {}))
         samples = trial_count(args, space, default_samples)
     else:
         param_space, samples = seed_samples(param_space, base.seed, samples)
@@ -248,7 +251,8 @@ def make_tuner(name: str, base: TrainConfig, space: dict, metric: str, mode: str
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep))
     # reuse_actors: a fresh worker per trial costs ~2 s of imports
-    tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
+    tune_config = tune.TuneConfig(metric=None if pareto else metric, mode=None if pareto else mode,
+                                  num_samples=samples, search_alg=search_alg,
                                   scheduler=scheduler, max_concurrent_trials=args.max_concurrent,
                                   reuse_actors=True, trial_dirname_creator=TrialNamer(tracker.names),
                                   trial_name_creator=TrialNamer(tracker.names))
