@@ -136,6 +136,14 @@ def test_scale_smoke(tmp_path):
     assert last_number(last.split("(")[0]) == pytest.approx(result["ratio"], abs=1e-3)
 
 
+def test_trial_footprint_smoke(tmp_path):
+    result, last = smoke("trial_footprint", tmp_path, timeout=300)
+    rows = {row["way"]: row for row in result["rows"]}
+    assert rows["today"]["driver_modules"] == "-"  # a trial imports no pandas, scipy, MLflow or driver code
+    assert set(rows["before"]["driver_modules"].split(",")) >= {"pandas", "mlflow"}
+    assert last.startswith("trial imports today / before: time ")
+
+
 @pytest.mark.slow
 def test_cluster_demo_smoke(tmp_path):
     """S3, PostgreSQL, MLflow and a two-node Ray started, a study on them, its costs measured, all stopped."""
