@@ -1,11 +1,12 @@
 """What the runner's own work costs at a thousand trials: the same short trials through ``run_study`` (MLflow parent
 and nested runs, names, study.json and trials.csv, the finding) and through a bare Tuner with no tracking.
 
-    python benchmarks/scale.py               # 1,000 one-step VAE trials each way (about 25 minutes on 2 cores)
+    python benchmarks/scale.py               # 1,000 one-second VAE trials each way (about 20 minutes on 2 cores)
     python benchmarks/scale.py --trials 200
     python benchmarks/scale.py --smoke       # 10 trials each way
 
-Both ways run the project's VAE trainable for one step of a tiny config, two trials at a time, ``reuse_actors``.
+Both ways run the project's VAE trainable for ``--steps`` steps of a tiny config (about a second), two trials at
+a time, ``reuse_actors``.
 Measured: wall time (the runner's includes MLflow's waits at the end and the finding), the driver's peak resident
 memory growth, then ``python -m analysis`` on the runner's study (the page's build time and size) and the MLflow
 experiment's run count. Last line: the ratio of wall times, runner / bare (goal <= 1.15; Ray Tune's own release
@@ -31,9 +32,9 @@ from trainables import OptimConfig, VAEConfig
 LRS = [5e-3, 1e-3, 5e-4, 1e-4, 5e-5]
 
 
-def base(data_root: Path) -> VAEConfig:
-    return VAEConfig(dataset="mnist5k", image_size=28, latent_dim=2, epochs=1, steps_per_epoch=1, batch_size=8,
-                     val_samples=16, feature_samples=8, data_root=str(data_root), optim=OptimConfig("adam", 5e-4))
+def base(data_root: Path, steps: int) -> VAEConfig:
+    return VAEConfig(dataset="mnist5k", image_size=28, latent_dim=2, epochs=1, steps_per_epoch=steps, batch_size=32,
+                     val_samples=64, feature_samples=8, data_root=str(data_root), optim=OptimConfig("adam", 5e-4))
 
 
 class PeakRss:
@@ -121,13 +122,15 @@ def mlflow_runs(work: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=1000, help="trials each way (a multiple of 5)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps a trial (30: about a second on a core, "
+                                                                  "as Ray Tune's own release test's trials)")
     parser.add_argument("--smoke", action="store_true", help="10 trials each way: the code path only")
     args = parser.parse_args()
     trials = 10 if args.smoke else args.trials
     samples = max(1, trials // len(LRS))
     work = Path(tempfile.mkdtemp(prefix="vt-scale-"))
     try:
-        config = base(work / "data")
+        config = base(work / "data", 1 if args.smoke else args.steps)
         rows = [through_bare_tuner(config, samples, work), through_runner(config, samples, work)]
         pages = report(work)
         runs = mlflow_runs(work)
