@@ -175,6 +175,25 @@ def trials_from_folders(path: Path, metric: str, mode: str, running: bool = Fals
     return table.sort_values(metric, ascending=mode == "min", na_position="last", kind="stable").reset_index(drop=True)
 
 
+def read_lineage(path: Path, trials: list[str]) -> pd.DataFrame:
+    """PBT's lineage from the trials' own reports: per trial and epoch, the config it trained with (flat, varied or
+    not) and, after a restore, the trial whose checkpoint it continued (``restored_from``) and that epoch."""
+    from analysis.naming import flatten
+
+    rows = []
+    for trial in trials:
+        result = path / trial / "result.json"
+        for line in (result.read_text().splitlines() if result.is_file() else []):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows.append({"trial": trial, "epoch": row.get("epoch"), "restored_from": row.get("restored_from") or "",
+                         "restored_epoch": row.get("restored_epoch"),
+                         **{f"config/{k}": v for k, v in flatten(row.get("config") or {}).items()}})
+    return pd.DataFrame(rows)
+
+
 def load_curves(path: Path, trials: list[str]) -> pd.DataFrame:
     """Every trial's per-epoch metrics in one long-by-trial frame: columns trial, epoch, train/loss, val/..."""
     frames = []

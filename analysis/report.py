@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import embed, figures, images, search_figures
 from analysis.importance import NAMES, importance_caption, importance_html, importance_markdown, param_importance
-from analysis.load import Artifacts, Study
+from analysis.load import Artifacts, Study, read_lineage
 from analysis.naming import NOT_A_VARIANT
 from analysis.tables import (METRICS, best_per_variant, pareto_front, ranked, results_table, short_id, to_markdown,
                              varied_params)
@@ -33,7 +33,7 @@ STALE = ("tsne_*.png", "pca_*.png", "final_vs_*.png", "data/confusion_*.npy")
 # files a build writes only sometimes: removed after a build that did not write them (not before, so that a page
 # rewritten every few seconds by --watch never points at a figure that is momentarily gone)
 OPTIONAL = ("learning_curves_trials.png", "parallel_coordinates.png", "importance.png", "importance.md", "pareto.png",
-            "data/pareto.csv",
+            "data/pareto.csv", "lineage.png", "data/lineage.csv",
             "data/importance.csv")
 
 
@@ -204,6 +204,29 @@ class Builder:
                  f"to its last {self.study.metric} (colour: the metric, bright = better; dashed: not finished OK; "
                  "'-': no value). Categorical axes space their values evenly; numeric axes spanning 8x or more are "
                  "log. Data: table.csv.")
+
+    def lineage(self) -> None:
+        """PBT: which trial copied which, at which epoch, with what configuration, from the trials' reports."""
+        try:
+            scheduler = json.loads((self.study.path / "study.json").read_text()).get("scheduler")
+        except (OSError, ValueError):
+            return
+        if scheduler != "pbt":
+            return
+        rows = read_lineage(self.study.path, list(self.trials["trial"]))
+        moved = [c for c in rows.columns if c.startswith("config/") and rows[c].nunique() > 1
+                 and pd.api.types.is_numeric_dtype(rows[c])] if not rows.empty else []
+        if not moved:
+            self.report.notes.append("PBT study: no trial's configuration changed, no lineage to draw")
+            return
+        rows.to_csv(self.out / "data" / "lineage.csv", index=False)
+        self.written.add("data/lineage.csv")
+        copies = int(((rows["restored_from"] != "") & (rows["restored_from"] != rows["trial"])).sum())
+        figure = search_figures.lineage(rows, moved[0], f"{self.study.name}: PBT lineage")
+        self.add("Hyperparameters", "PBT lineage", figures.save(figure, self.out / "lineage.png"),
+                 f"Each trial's epochs, coloured by {moved[0].removeprefix('config/')} as PBT perturbed it; an arrow "
+                 f"for each of the {copies} copies of another trial's checkpoint (from its epoch to where the copy "
+                 "continued), read from the trials' own reports. Data: data/lineage.csv.")
 
     def pareto(self) -> None:
         """Two objectives (``--metric`` twice): every finished trial on both, the front drawn and listed."""
@@ -377,7 +400,7 @@ class Builder:
         for stale in STALE:  # per-variant files of an earlier build whose variants may be gone
             for path in self.out.glob(stale):
                 path.unlink()
-        curves = [self.curves, self.trial_curves, self.parallel, self.importance, self.pareto]
+        curves = [self.curves, self.trial_curves, self.parallel, self.importance, self.pareto, self.lineage]
         steps = {"classification": [self.table, *curves, self.confusion, self.samples, self.embeddings],
                  "segmentation": [self.table, *curves, self.confusion, self.samples, self.embeddings,
                                   self.feature_maps],

@@ -118,3 +118,26 @@ def pareto(trials: pd.DataFrame, front: pd.DataFrame, goals: list[tuple[str, str
     ax.legend()
     figure.tight_layout()
     return figure
+
+
+def lineage(rows: pd.DataFrame, param: str, title: str) -> plt.Figure:
+    """A row per trial along its epochs, coloured by ``param``'s value (log scale), an arrow from the trial and
+    epoch whose checkpoint a trial copied to where it continued (PBT's exploit)."""
+    from matplotlib.colors import LogNorm
+
+    trials = sorted(rows["trial"].unique())
+    level = {trial: index for index, trial in enumerate(trials)}
+    values = pd.to_numeric(rows[param], errors="coerce")
+    norm = LogNorm(values.min(), values.max()) if values.min() > 0 and values.max() > values.min() else None
+    figure, ax = plt.subplots(figsize=(8, 0.5 * len(trials) + 1.8))
+    points = ax.scatter(rows["epoch"], rows["trial"].map(level), c=values, cmap="viridis", norm=norm, s=60, zorder=3)
+    for _, row in rows[rows["restored_from"].isin(level) & (rows["restored_from"] != rows["trial"])].iterrows():
+        ax.annotate("", xy=(row["epoch"], level[row["trial"]]),
+                    xytext=(row["restored_epoch"], level[row["restored_from"]]),
+                    arrowprops={"arrowstyle": "->", "color": "C3", "alpha": 0.7})
+    ax.set_yticks(range(len(trials)), trials, fontsize=7)
+    ax.set_xlabel("epoch")
+    figure.colorbar(points, ax=ax, label=param)
+    ax.set_title(title)
+    figure.tight_layout()
+    return figure

@@ -255,3 +255,33 @@ def test_a_killed_driver_resumes_from_the_bucket_and_overwrite_clears_it(s3, pos
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     epochs = _bucket_epochs(s3, "resumable", "vt/vae_lr/")
     assert len(epochs) == 5 and all(e == [1] for e in epochs.values()), epochs  # the old trials are gone
+
+
+@pytest.mark.slow
+def test_two_studies_started_at_once_on_one_server_both_land(s3, postgres, mlflow_on_postgres, tmp_path):
+    """Two studies against one MLflow server on PostgreSQL at the same moment: both finish, every trial's run holds
+    its epochs, and each prints the URL of its own experiment's runs, which the server knows."""
+    import urllib.request
+
+    s3.make_bucket("together")
+    env = study_env(s3)
+    commands = [study_command(script, *QUICK, "--storage", "s3://together/vt", "--mlflow-uri", mlflow_on_postgres.url)
+                for script in ("vae_lr", "vae_losses")]
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda cmd: subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                                                        timeout=600), commands))
+    for proc in done:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, proc, trials in (("vae_lr", done[0], 5), ("vae_losses", done[1], 3)):
+        (experiment,), = postgres.query("mlflow", "SELECT experiment_id FROM experiments WHERE name = %s", (name,))
+        runs = postgres.query("mlflow", "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE "
+                              "r.experiment_id = %s AND t.key = 'vision_tune.trial_id'", (experiment,))
+        assert len(runs) == trials, name
+        for (run,) in runs:
+            assert postgres.query("mlflow", "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'val/loss'",
+                                  (run,)) == [(1,)], (name, run)
+        url = f"{mlflow_on_postgres.url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        assert f"MLflow UI: {url}" in proc.stdout, proc.stdout[-2000:]
+        api = f"{mlflow_on_postgres.url}/ajax-api/2.0/mlflow/experiments/get?experiment_id={experiment}"
+        with urllib.request.urlopen(api, timeout=30) as response:
+            assert json.loads(response.read())["experiment"]["name"] == name

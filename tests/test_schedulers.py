@@ -42,6 +42,11 @@ def test_pbt_copies_the_best_trials_and_perturbs_their_learning_rate(tmp_path):
     assert finding["verdict"] == "not testable here" and "PBT" in finding["measured"]
     record = json.loads((study / "study.json").read_text())
     assert record["scheduler"] == "pbt" and record["base"]["checkpoint_every"] == "1"  # lined up with PBT's interval
+    report = run_in_process("-m analysis", [str(study), "--no-mlflow"], tmp_path, {**os.environ, "PYTHONPATH": str(ROOT)})
+    assert report.returncode == 0, report.stderr[-3000:]
+    lineage = pd.read_csv(study / "report" / "data" / "lineage.csv").fillna({"restored_from": ""})
+    drawn = lineage[(lineage["restored_from"] != "") & (lineage["restored_from"] != lineage["trial"])]
+    assert len(drawn) >= 1 and (study / "report" / "lineage.png").stat().st_size > 0
 
 
 def test_hyperband_pauses_and_resumes_trials_to_the_end(tmp_path):
