@@ -4,6 +4,7 @@ import os
 import shutil
 import struct
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,14 +307,20 @@ def test_decoded_cache_returns_the_decoded_pixels(voc_root):
         assert np.array_equal(mask, np.asarray(Image.open(png)))  # the palette indices: labels and 255
 
 
-def test_a_changed_mask_builds_a_new_cache(voc_root):
-    build_dataset("voc", "train", voc_root, 32)
+def _relabel_a_mask(voc_root) -> Path:
+    """Edit one mask (its object 7 becomes 12): a new version of the data set's files."""
     path = _voc_base(voc_root) / "SegmentationClass" / "2008_000002.png"
     mask = np.array(Image.open(path))
     mask[mask == 7] = 12
     png = Image.fromarray(mask)
     png.putpalette(_voc_palette())
     png.save(path)
+    return path
+
+
+def test_a_changed_mask_builds_a_new_cache(voc_root):
+    build_dataset("voc", "train", voc_root, 32)
+    path = _relabel_a_mask(voc_root)
     train = build_dataset("voc", "train", voc_root, 32)
     assert len(_decoded_folders(voc_root)) == 2
     assert set(np.unique(train.arrays.sample(train.masks.index(str(path)))[1])) == {0, 12, 255}
@@ -341,12 +348,7 @@ def test_old_caches_do_not_pile_up(voc_root):
     for folder in (old, other):
         for name in ("last_used", "manifest.json"):
             os.utime(folder / name, (long_ago, long_ago))
-    path = _voc_base(voc_root) / "SegmentationClass" / "2008_000002.png"
-    mask = np.array(Image.open(path))
-    mask[mask == 7] = 12
-    png = Image.fromarray(mask)
-    png.putpalette(_voc_palette())
-    png.save(path)
+    _relabel_a_mask(voc_root)
     build_dataset("voc", "train", voc_root, 32)
     folders = set(_decoded_folders(voc_root))
     assert old not in folders and layout not in folders and other in folders and len(folders) == 2
