@@ -145,6 +145,13 @@ def test_trial_footprint_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_tracking_outage_smoke(tmp_path):
+    result, last = smoke("tracking_outage", tmp_path, timeout=600)
+    assert len(result["rows"]) == 2 and all(row["every_epoch_once"] for row in result["rows"])
+    assert last.startswith("wall time with a 5 s MLflow outage / without:")
+
+
+@pytest.mark.slow
 def test_cluster_demo_smoke(tmp_path):
     """S3, PostgreSQL, MLflow and a two-node Ray started, a study on them, its costs measured, all stopped."""
     result, last = smoke("cluster_demo", tmp_path, timeout=600)
