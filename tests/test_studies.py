@@ -153,7 +153,11 @@ def test_resume_after_the_driver_is_killed_reruns_nothing(tmp_path, study_env):
 
 def test_more_gpus_than_the_cluster_has_fails_within_seconds(tmp_path, study_env):
     start = time.time()
-    done = run_script("seg_concat", tmp_path, study_env, "--gpus-per-trial", "1")  # a GPU-less cluster: pre-flight
+    # a process of its own: its own Ray, GPU-less (in this process a test's Ray may offer logical GPUs)
+    done = subprocess.run(study_command("seg_concat", "--quick", "--storage", str(tmp_path / "results"), "--mlflow-uri",
+                                        f"sqlite:///{tmp_path / 'mlflow.db'}", *fast_flags("seg_concat"),
+                                        "--gpus-per-trial", "1"), cwd=tmp_path, env=study_env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode != 0
     assert "--gpus-per-trial 1" in done.stderr and "GPU" in done.stderr
     assert time.time() - start < 90
