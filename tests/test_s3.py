@@ -265,6 +265,7 @@ def test_two_studies_started_at_once_on_one_server_both_land(s3, postgres, mlflo
 
     s3.make_bucket("together")
     env = study_env(s3)
+    since = int(time.time() * 1000)  # the module's other tests logged vae_lr to this server too
     commands = [study_command(script, *QUICK, "--storage", "s3://together/vt", "--mlflow-uri", mlflow_on_postgres.url)
                 for script in ("vae_lr", "vae_losses")]
     with ThreadPoolExecutor(2) as pool:
@@ -275,7 +276,8 @@ def test_two_studies_started_at_once_on_one_server_both_land(s3, postgres, mlflo
     for name, proc, trials in (("vae_lr", done[0], 5), ("vae_losses", done[1], 3)):
         (experiment,), = postgres.query("mlflow", "SELECT experiment_id FROM experiments WHERE name = %s", (name,))
         runs = postgres.query("mlflow", "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE "
-                              "r.experiment_id = %s AND t.key = 'vision_tune.trial_id'", (experiment,))
+                              "r.experiment_id = %s AND t.key = 'vision_tune.trial_id' AND r.start_time >= %s",
+                              (experiment, since))
         assert len(runs) == trials, name
         for (run,) in runs:
             assert postgres.query("mlflow", "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'val/loss'",
