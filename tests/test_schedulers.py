@@ -32,6 +32,8 @@ def test_pbt_copies_the_best_trials_and_perturbs_their_learning_rate(tmp_path):
     table = pd.read_csv(study / "trials.csv")
     assert len(table) == 5 and set(table["status"]) == {"OK"} and set(table["epoch"]) == {4}
     rows = reports(study)
+    for trial, trial_rows in rows.items():  # paused and resumed at every perturbation: no epoch lost from Tune's results
+        assert sorted({r["epoch"] for r in trial_rows}) == [1, 2, 3, 4], (trial, [r["epoch"] for r in trial_rows])
     # the lineage, from the trials' own reports: who copied whom, at which epoch, with which learning rate after
     copies = [(trial, r["restored_from"], r["restored_epoch"], r["config"]["optim"]["lr"])
               for trial, trial_rows in rows.items() for r in trial_rows if r.get("restored_from")]

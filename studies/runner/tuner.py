@@ -85,12 +85,16 @@ class ConsoleCallback(tune.Callback):
 
 
 class KeepResultsOnRetry(tune.Callback):
-    """No epoch lost when a trial is retried: Tune 2.60 restarts a failed trial by copying its result.json back
-    from storage, where the copy lags the driver's own by up to one experiment snapshot, so the epochs reported
-    since that snapshot would vanish from Tune's results. Push the driver's copy to storage first."""
+    """No epoch lost when a trial restarts: Tune 2.60 restarts a trial (retried after a failure, or resumed after
+    HyperBand or PBT paused it) by copying its result.json back from storage, where the copy lags the driver's own
+    by up to one experiment snapshot, so the epochs reported since would vanish from Tune's results. Push the
+    driver's copy to storage first (this callback runs before Tune's own loggers)."""
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         copy_result_to_storage(trial)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        copy_result_to_storage(trial)  # a first start has no copy yet: nothing to push
 
 
 class PendingTimeout(tune.Callback):
