@@ -301,3 +301,16 @@ def test_a_trial_process_imports_no_driver_code(data_root):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_fp16s_loss_scale_is_checkpointed_and_restored(tmp_path):
+    """A resumed fp16 trial goes on with the loss scale it had, not a fresh one (its first steps would be skipped)."""
+    from torch import nn
+
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=True)
+    save_state(tmp_path, model, optimizer, None, epoch=3, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=True)
+    assert load_state(tmp_path, model, optimizer, None, fresh) == 3
+    assert fresh.get_scale() == 2.0**10

@@ -109,14 +109,14 @@ def state_bytes(config) -> int:
     return sum(model_bytes(config))
 
 
-def save_state(folder: Path, model, optimizer, scheduler, epoch: int, final: bool = False) -> None:
+def save_state(folder: Path, model, optimizer, scheduler, epoch: int, final: bool = False, scaler=None) -> None:
     """Write the checkpoint's state file (``final``: the weights only); a full disk is named as such (given a
     path, torch.save reports it as "enforce fail at inline_container.cc ... unexpected pos")."""
     path = Path(folder) / STATE_FILE
     state = {"model": model.state_dict(), "epoch": epoch, "final": final}
     if not final:
         state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
-                     rng=rng_state())
+                     rng=rng_state(), scaler=scaler.state_dict() if scaler is not None else None)
     try:
         with open(path, "wb") as file:
             torch.save(state, file)
@@ -130,7 +130,7 @@ def save_state(folder: Path, model, optimizer, scheduler, epoch: int, final: boo
                       ) from None
 
 
-def load_state(folder: str | Path, model, optimizer, scheduler) -> int:
+def load_state(folder: str | Path, model, optimizer, scheduler, scaler=None) -> int:
     """Load a checkpoint into the objects; returns the epoch it was taken after. The optimizer keeps the
     hyperparameters it was built with from the (new) config, so a learning rate that PBT or a resume changed
     survives: the checkpoint's moments come back, its learning rates are rescaled to the new base ones."""
@@ -142,6 +142,8 @@ def load_state(folder: str | Path, model, optimizer, scheduler) -> int:
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):  # fp16's loss scale goes on where it was, not from scratch
+        scaler.load_state_dict(state["scaler"])
     for index, (group, wanted) in enumerate(zip(optimizer.param_groups, fresh)):
         base = group.get("initial_lr", wanted["lr"]) if scheduler is not None else None
         for key, value in wanted.items():

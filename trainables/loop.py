@@ -218,10 +218,12 @@ def evaluate(model: nn.Module, step: Step, loader: Iterable, hw: Hardware,
 def fit(model: nn.Module, step: Step, optimizer: torch.optim.Optimizer, scheduler, train_loader,
         val_loader, hw: Hardware, *, epochs: int, start_epoch: int = 1, seed: int = 0, max_steps: int = 0,
         num_classes: int | None = None, describe: str = "",
-        on_epoch_end: Callable[[int, dict, ConfusionMatrix | None], None] | None = None) -> dict[str, float]:
-    """Train epochs ``start_epoch..epochs`` (1-based), evaluating after each; returns the last metrics."""
+        on_epoch_end: Callable[[int, dict, ConfusionMatrix | None], None] | None = None,
+        scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """Train epochs ``start_epoch..epochs`` (1-based), evaluating after each; returns the last metrics. ``scaler``:
+    fp16's loss scale (the caller's, so that a checkpoint keeps it; a fresh one when None)."""
     metrics: dict[str, float] = {}
-    scaler = hw.grad_scaler()
+    scaler = hw.grad_scaler() if scaler is None else scaler
     generator = getattr(train_loader, "generator", None)
     for epoch in range(start_epoch, epochs + 1):
         torch.manual_seed(epoch_seed(seed, epoch))

@@ -139,12 +139,13 @@ def _train(config, task: Task, session, hw: Hardware) -> dict:
     scheduler = build_scheduler(optimizer, config.optim, config.epochs)
     train_loader, val_loader = make_loaders(built, config, hw, session.cpus)
 
+    scaler = hw.grad_scaler()  # fp16's loss scale: checkpointed with the weights, so a resume keeps it
     start_epoch = 1
     restore = session.restore_dir()
     lineage = {}
     if restore is not None:
         with restore as folder:
-            start_epoch = load_state(folder, model, optimizer, scheduler) + 1
+            start_epoch = load_state(folder, model, optimizer, scheduler, scaler) + 1
         log.info("resumed after epoch %d", start_epoch - 1)
         lineage = {RESTORED_KEY: getattr(session, "restored_from", "") or "", "restored_epoch": start_epoch - 1}
 
@@ -171,7 +172,7 @@ def _train(config, task: Task, session, hw: Hardware) -> dict:
         with tempfile.TemporaryDirectory(prefix="vt-ckpt-") as tmp:
             folder = Path(tmp)
             final = epoch == config.epochs
-            save_state(folder, model, optimizer, scheduler, epoch, final=final)
+            save_state(folder, model, optimizer, scheduler, epoch, final=final, scaler=scaler)
             artifacts = folder / ARTIFACTS
             artifacts.mkdir()
             if matrix is not None:
@@ -185,8 +186,8 @@ def _train(config, task: Task, session, hw: Hardware) -> dict:
 
     describe = json.dumps(config.to_dict(), sort_keys=True)
     try:
-        return fit(model, built.step, optimizer, scheduler, train_loader, val_loader, hw, epochs=config.epochs,
-                   start_epoch=start_epoch, seed=config.seed, max_steps=config.steps_per_epoch,
+        return fit(model, built.step, optimizer, scheduler, train_loader, val_loader, hw, scaler=scaler,
+                   epochs=config.epochs, start_epoch=start_epoch, seed=config.seed, max_steps=config.steps_per_epoch,
                    num_classes=built.num_classes, describe=describe, on_epoch_end=on_epoch_end)
     finally:
         monitor.close()
