@@ -80,14 +80,39 @@ def test_gpu_packing_smoke(tmp_path):
 def test_fidelity_smoke(tmp_path):
     from analysis.finding import CONTRADICTED, NOT_SIGNIFICANT, SUPPORTED, UNTESTABLE
 
-    # one study (the code path is the same for the four): the script in its own process, its finding.json read back
+    # one study (the code path is the same for the three): the script in its own process, its finding.json read back
     result, last = smoke("fidelity", tmp_path, "--only", "vae_lr", timeout=300)
     (row,) = result["rows"]
     assert row["study"] == "vae_lr" and row["data"] == "mnist5k"
     assert row["trials"] == row["ok"] == 10 and row["n"] == 2  # 5 learning rates x 2 seeds, all finished
     assert row["verdict"] in (SUPPORTED, CONTRADICTED, NOT_SIGNIFICANT, UNTESTABLE)
     assert row["claim"].startswith("the optimal learning rate is 0.0005") and row["measured"]
-    assert last == f"findings supported: {result['supported']} of 1"
+    # every trial's curve was read (2 epochs each) and judged: 2 epochs are too few to tell a plateau
+    assert [c["epochs"] for c in row["checks"]] == [2] * 10
+    assert row["converged"] == 0 and len(row["not_converged"]) == 5 and row["reached"] == "-"
+    assert row["criterion"].startswith("val/loss within 2% of its plateau")
+    assert set(result["not_run"]) == {"vae_losses", "seg_optimizers, seg_concat, seg_class_weights, segnet_optimizers"}
+    assert last == f"findings supported: {result['supported']} of 1 (converged: 0 of 10 trials)"
+
+
+def test_fidelity_convergence_criteria():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from fidelity import Convergence
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # the VAE pilot at lr 5e-4 (val/loss per epoch): epochs 26-30 gain 0.8% on the best before, epochs 21-25 3.2%
+    curve = [273.0, 248.9, 230.2, 197.1, 170.1, 155.7, 146.3, 138.8, 133.3, 130.3, 128.3, 124.4, 122.7, 119.9, 118.8,
+             116.8, 116.1, 113.9, 114.1, 113.2, 112.9, 112.2, 111.3, 111.3, 109.7, 108.9, 109.0, 109.8, 108.8, 109.7]
+    plateau = Convergence("val/loss", plateau=0.02)
+    assert plateau.met(curve) and plateau.reached(curve) == pytest.approx((109.7 - 108.8) / 108.8)
+    assert not plateau.met(curve[:25]) and plateau.reached(curve[:25]) == pytest.approx((113.2 - 109.7) / 109.7)
+    assert plateau.first_epoch(curve) == 30  # the first budget whose last 5 epochs gained <= 2%
+    assert not plateau.met(curve[:5]) and math.isnan(plateau.reached(curve[:5]))  # too short to tell
+    assert plateau.met([100.0] * 6)  # flat from the start: converged
+    floor = Convergence("val/accuracy", floor=0.95)
+    assert floor.met([0.3, 0.96]) and not floor.met([0.97, 0.94]) and floor.first_epoch([0.5, 0.95, 0.9]) == 2
+    assert floor.first_epoch([0.5]) is None
 
 
 @pytest.mark.slow
