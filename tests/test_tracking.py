@@ -349,3 +349,22 @@ def test_the_driver_builds_the_model_from_a_trials_final_checkpoint(tmp_path):
     images = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(loaded(images), Reconstruction(model)(images))  # the trial's weights, batch of 3
+
+
+def test_closing_an_interrupted_studys_runs_leaves_another_study_of_the_same_name_running(tmp_path):
+    """Two studies named alike (two storage folders) share an MLflow experiment; an interrupted one closes only its
+    own trials' runs as KILLED, while the other's trial runs on."""
+    from studies.runner.tracking import StudyTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trackers, runs = [], []
+    for folder in ("first", "second"):
+        tracker = StudyTracker(uri, STUDY)
+        tracker.plan(str(tmp_path / folder / STUDY), {"storage": folder}, [{"optim/lr": 5e-4}])
+        runs.append(tracker.start(f"{folder}_00000", f"train_vae_{folder}_00000", {"optim": {"lr": 5e-4}}))
+        trackers.append(tracker)
+    first, second = trackers
+    assert first.parent_run_id() != second.parent_run_id()
+    assert first.kill_unfinished() == 1
+    client = MlflowClient(uri)
+    assert [client.get_run(run_id).info.status for run_id in runs] == ["KILLED", "RUNNING"]

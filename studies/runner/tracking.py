@@ -448,8 +448,12 @@ class StudyTracker:
     def kill_unfinished(self, status: str = "KILLED") -> int:
         """After an interrupted study, close the trials' runs still RUNNING as KILLED (MLflow's status for a run
         that was stopped); a resume finds them again by tag and sets them RUNNING. Returns how many."""
+        parent = self.parent_run_id()
         found = all_runs(self.client, self.experiment_id(), "attributes.status = 'RUNNING'")
-        killed = [run.info.run_id for run in found if TRIAL_TAG in run.data.tags]
+        # this study's trials only: another study of the same name (another storage folder) may be running now;
+        # a run without a parent was logged before studies had one, so it is this study's
+        killed = [run.info.run_id for run in found if TRIAL_TAG in run.data.tags
+                  and run.data.tags.get("mlflow.parentRunId", parent) == parent]
         for run_id in killed:
             self.client.set_terminated(run_id, status=status)
         self._runs.clear()
