@@ -176,7 +176,7 @@ def test_disk_check_counts_kept_checkpoints_and_mlflow_copies_on_the_same_disk(t
     import shutil
 
     from studies.runner.preflight import KEEP_CHECKPOINTS, StorageError, check_disk, study_bytes
-    from studies.runner.tracking import local_artifact_root
+    from studies.runner.mlflow_uri import local_artifact_root
 
     free = shutil.disk_usage(tmp_path).free
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

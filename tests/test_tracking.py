@@ -20,7 +20,7 @@ from analysis.load import load_study
 from analysis.tables import label_trials
 from conftest import run_in_process, study_command
 from studies.runner.tuner import study_variants
-from studies.runner.tracking import check_reachable
+from studies.runner.mlflow_uri import check_reachable
 from analysis.mlflow_store import (PARENT_TAG, BrokenStoreError, experiment_id, find_or_create_parent, open_client,
                                      repair_leftovers, runs_url, store_lock)
 from analysis.naming import VariantNames

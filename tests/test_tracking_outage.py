@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, study_command
 from servers import BIN, _answers, _process, free_port
-from studies.runner.mlflow_runs import SHORT_HTTP
-from studies.runner.tracking import DRAIN_ENV, StudyTracker
+from studies.runner.tracking import StudyTracker
+from studies.runner.tracking_queue import DRAIN_ENV, SHORT_HTTP
 
 AWAY, BACK = "MLflow tracking away since", "MLflow tracking back at"
 OUTAGE_S = 20

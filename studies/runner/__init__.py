@@ -21,6 +21,7 @@ from studies.runner.errors import (StudyInterrupted, TrackingIncomplete, TrialsF
                                    flag_for_config_error, redact)
 from studies.runner.interrupts import stop_signals
 from studies.runner.mlflow_runs import parent_params
+from studies.runner.mlflow_uri import check_reachable, resolve_uri
 from studies.runner.preflight import (check_data, check_disk, check_resources, check_weights, shipped_weights,
                                       study_bytes, trial_count)
 from studies.runner.record import (applied_changes, check_start, definition, invocation, now, read_record,
@@ -28,7 +29,7 @@ from studies.runner.record import (applied_changes, check_start, definition, inv
 from studies.runner.space import check_space, continuous_grids, largest_state
 from studies.runner.storage import remove_study, study_exists, trial_env
 from studies.runner.summary import failed_trials, print_summary, report_finding, summarize
-from studies.runner.tracking import StudyTracker, check_reachable, resolve_uri
+from studies.runner.tracking import StudyTracker
 from studies.runner.tuner import (ApplyOnResume, KeepResultsOnRetry, MLflowCallback, PendingTimeout,  # noqa: F401
                                   SeededOptunaSearch, autoscaler, can_restore, cluster_nodes, make_tuner,
                                   restore_tuner, start_ray, stop_ray, study_variants, trial_dirname)

@@ -16,7 +16,7 @@ import torch
 from studies.runner.autoscaling import (AUTOSCALER_CONFIG, PENDING_TIMEOUT_S, Autoscaler, from_bootstrap,  # noqa: F401
                                  learn, shape)
 from studies.runner.space import grid_size, variants
-from studies.runner.tracking import local_artifact_root
+from studies.runner.mlflow_uri import local_artifact_root
 from trainables import TrainConfig
 from trainables.data import build_dataset
 from vision_models import build_model

@@ -28,8 +28,9 @@ from analysis.mlflow_store import PARENT_TAG, STUDY_DIR_TAG
 from analysis.naming import flatten, varied_keys
 from studies.runner.cli import build_parser
 from studies.runner.mlflow_runs import BEST_TRIAL_TAG, best_trial_id, parent_params, trial_id_of
+from studies.runner.mlflow_uri import check_reachable, resolve_uri
 from studies.runner.record import read_record, snapshot_statuses
-from studies.runner.tracking import STEP_METRIC, StudyTracker, check_reachable, resolve_uri
+from studies.runner.tracking import STEP_METRIC, StudyTracker
 from trainables.checkpoints import ARTIFACTS
 
 CHECKPOINT = re.compile(r"checkpoint_(\d+)$")

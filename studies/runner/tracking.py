@@ -9,7 +9,7 @@ model the driver builds from its last checkpoint (``export.py``) its logged mode
 every finished trial's (``--log-models all``) or none. Trial weights stay in Tune's checkpoints, once.
 
 Tracking never holds the study up: Tune's callback only queues (``trial_started``, ``trial_result``, ``trial_ended``)
-and the tracking queue's thread (``mlflow_runs.TrackingQueue``) applies ``start``, ``log_result`` and ``finish`` in
+and the tracking queue's thread (``tracking_queue.TrackingQueue``) applies ``start``, ``log_result`` and ``finish`` in
 order, waiting out a server that does not answer. At the end ``end_study`` waits for the queue a bounded time; what
 a server that never came back did not get is named, with the command that replays it from the study's results
 (``python -m studies.runner.replay``, which calls these same methods).
@@ -17,25 +17,19 @@ a server that never came back did not get is named, with the command that replay
 from __future__ import annotations
 
 import logging
-import math
-import os
-import shlex
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.mlflow_store import (BrokenStoreError, experiment_id, find_or_create_parent, open_client,  # noqa: F401
-                                   repair_leftovers, runs_url, sqlite_path, store_lock, ui_command)
+from analysis.mlflow_store import experiment_id, find_or_create_parent, open_client, runs_url, ui_command
 from analysis.naming import VariantNames
 from analysis.naming import flatten as flat_config
 from studies.runner.export import MODEL_DIR, export_checkpoint, exportable
-from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, TrackingQueue, answers, best_trial_id, clock,
-                                        log_dataset_inputs, log_model_folder, logged_model_id, masked, refused,
-                                        register, short_http_retries, trial_id_of)
+from studies.runner.mlflow_runs import (BEST_RUN_TAG, BEST_TRIAL_TAG, all_runs, best_trial_id, flatten,
+                                        log_dataset_inputs, log_model_folder, logged_model_id, numeric_metrics,
+                                        register, trial_id_of)
+from studies.runner.tracking_queue import (IncompleteRuns, TrackingQueue, answers, clock, drain_seconds, refused,
+                                           replay_command, short_http_retries)
 from trainables.checkpoints import ARTIFACTS
 from trainables.lineage import DATASETS_KEY
 from trainables.tune_io import AMP_KEY, RESTORED_KEY
@@ -46,104 +40,6 @@ VARIANT_TAG = "vision_tune.variant"
 STEP_METRIC = "epoch"
 LOG_MODELS = ("best", "all", "none")  # --log-models: which trials' final models become MLflow logged models
 TAG_KEYS = {AMP_KEY: "vision_tune.amp_dtype", RESTORED_KEY: "vision_tune.restored_from"}  # reported strings: tags
-# at the end of a study, how long the tracking server may stay away before its runs are left to a replay
-DRAIN_S, DRAIN_ENV = 60.0, "VISION_TUNE_TRACKING_DRAIN_S"
-
-
-def resolve_uri(uri: str | None) -> str:
-    """Default sqlite in the working directory; relative sqlite paths made absolute (trials run elsewhere)."""
-    if not uri:
-        return f"sqlite:///{os.path.abspath('mlflow.db')}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
-    return uri
-
-
-def local_artifact_root(uri: str) -> Path | None:
-    """Where a new experiment's artifacts go on this machine: beside a sqlite database (not in whatever the
-    cwd is), or inside a file store; None for a tracking server, which stores them itself."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
-    if uri.startswith("file:"):
-        return Path(urllib.parse.urlparse(uri).path)
-    if "://" not in uri and uri != "databricks":  # a bare folder is a file store too
-        return Path(uri).expanduser().resolve()
-    return None
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail before any trial starts when an MLflow server does not answer, or a sqlite folder is missing."""
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError) as err:
-            raise ConnectionError(f"--mlflow-uri {uri}: no MLflow server answers at {url} ({err}). Start one with "
-                                  "'mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///ABS/mlflow.db'"
-                                  " or pass a sqlite:/// URI.") from None
-        raise ConnectionError(f"--mlflow-uri {uri}: {url} did not answer 200")
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--mlflow-uri {uri}: folder {folder} does not exist")
-        path = sqlite_path(uri)
-        with store_lock(path):  # a database broken by a creation race is repaired, or refused with the fix
-            try:
-                repair_leftovers(path)
-            except BrokenStoreError as err:
-                raise BrokenStoreError(f"--mlflow-uri {uri}: {err}") from None
-
-
-def flatten(config: dict) -> dict[str, str]:
-    """Nested config -> {"optim/lr": "0.001", ...}, as MLflow params (strings)."""
-    return {key: str(value) for key, value in flat_config(config).items()}
-
-
-def numeric_metrics(result: dict) -> dict[str, float]:
-    """The reported numbers worth a curve: every finite number except Tune's bookkeeping."""
-    skip = {"timestamp", "pid", "done", "training_iteration", "time_since_restore", "iterations_since_restore",
-            "time_this_iter_s", "time_total_s"}
-    return {key: float(value) for key, value in result.items()
-            if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(float(value))}
-
-
-
-def drain_seconds() -> float:
-    return float(os.environ.get(DRAIN_ENV) or DRAIN_S)
-
-
-def replay_command(study_dir: str, uri: str) -> str:
-    """The command that sends a study's results to MLflow (a password in the URI masked: put it back)."""
-    return shlex.join(["python", "-m", "studies.runner.replay", study_dir, "--mlflow-uri", masked(uri)])
-
-
-@dataclass(frozen=True)
-class IncompleteRuns:
-    """What the end of a study could not send to a tracking server that stayed away."""
-
-    trials: list[str]  # trial folders whose runs lack records (epochs, artifacts or their end)
-    since: str  # when tracking went away
-    command: str  # the replay that sends them (and the study's run's end) once the server answers
-
-    def lines(self, uri: str) -> list[str]:
-        named = f": {', '.join(self.trials)}" if self.trials else ""
-        return [f"MLflow: {masked(uri)} away since {self.since}: {len(self.trials)} trial run(s) left incomplete"
-                f"{named}, and the study's run; the results are complete. Once it answers, replay them:",
-                f"  {self.command}"]
-
-
-def all_runs(client, experiment_id: str, filter_string: str = "") -> list:
-    """Every run of the experiment that matches, page by page (one call returns at most 1,000)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 class StudyTracker:
