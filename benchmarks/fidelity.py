@@ -14,15 +14,15 @@ checks the study's convergence criterion:
 The budgets were chosen from pilot learning curves of the slowest variants before any verdict was seen, and are
 never changed to make a claim come out. Pilots, one thread each, on digits: VGG16 at lr 0.1 does not learn at batch
 32 (10% after 6 epochs) and is slow at 64 (82% after 8), but reaches 99% by epoch 7 at 128; ResNet18 at lr 0.05 and
-batch 128 reaches 99% by epoch 6, while at lr 0.1 it diverges first and is at 73% after 10 epochs at any batch tried.
-On mnist5k the VAE (lr 5e-4, latent 16) is still 2.2% above its later best after 20 epochs of batch 32, and at batch
-64 it needs the same images for half the steps. A trial that misses its criterion is listed, not dropped: a learning
+batch 128 reaches 99% by epoch 6, while at lr 0.1 it diverges first and is at 73% after 10 epochs.
+On mnist5k the VAE (lr 5e-4, latent 16) still gains 2.2% over epochs 16-20 at batch 32; batch 64 takes half the
+steps for the same images and is behind (val/loss 113 at epoch 20, against 110). A trial that misses its criterion is listed, not dropped: a learning
 rate too large or too small to converge at the report's budget is part of what cls_architectures and vae_lr measure.
 
 The findings it does not run, and why, are in NOT_RUN (printed with the table). The last line is
 ``findings supported: K of N (converged: T of M trials)``; benchmarks/out/fidelity.json holds every trial's curve check.
 
-    python benchmarks/fidelity.py             # the measurement (about 43 minutes on 2 idle cores)
+    python benchmarks/fidelity.py             # the measurement (2,732 s on 2 cores, 2026-12-07)
     python benchmarks/fidelity.py --smoke     # 2 epochs of 2 batches, 2 seeds: checks the code path only
     python benchmarks/fidelity.py --smoke --only vae_lr   # the smoke of one study (about 40 s)
 """
