@@ -26,10 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from common import ROOT, table, write_json
+
+from studies.runner.tracking_queue import answers
 
 AWAY, BACK = "MLflow tracking away since", "MLflow tracking back at"
 
@@ -38,14 +39,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 class TrackingServer:
@@ -65,7 +58,7 @@ class TrackingServer:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder,
                                          start_new_session=True)
         start = time.monotonic()
-        while not answers(self.url):
+        while not answers(self.url, timeout=2):
             if self.proc.poll() is not None or time.monotonic() - start > 120:
                 raise RuntimeError(f"mlflow server did not start; see {self.folder / 'server.log'}")
             time.sleep(0.2)

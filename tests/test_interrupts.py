@@ -21,6 +21,7 @@ from analysis.load import load_study
 from analysis.progress import describe
 from analysis.tables import ranked
 from conftest import study_command
+from studies.runner.tracking_queue import answers
 
 EPOCHS = 2
 TRIALS = 5  # vae_lr's learning rates
@@ -130,7 +131,7 @@ def test_interrupted_study_is_recorded_honestly_and_resume_runs_each_trial_once(
                               cwd=tmp_path, env={**study_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for(lambda: _answers(port), server, "the MLflow server", timeout=120)
+        _wait_for(lambda: answers(f"http://127.0.0.1:{port}", timeout=2), server, "the MLflow server", timeout=120)
         done = subprocess.run([*resume, "--mlflow-uri", f"http://127.0.0.1:{port}", "--cpus-per-trial", "0.5",
                                "--max-failures", "2"], cwd=tmp_path, env=study_env, capture_output=True, text=True,
                               timeout=600)
@@ -177,16 +178,6 @@ def _name(process: psutil.Process) -> str:
         return " ".join(process.cmdline()[:3])
     except psutil.Error:
         return "?"
-
-
-def _answers(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _hand_study(tmp_path: Path, pid: int) -> Path:
